@@ -1,0 +1,126 @@
+"""The ``lycolab`` command. Errors users can fix are one line on stderr, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``--key value`` pairs after the known options; values read as TOML literals (numbers, true/false, strings).
+
+    A key with no value is a true flag; several values make a list (``--network_args algo=loha conv_dim=4``).
+    """
+    overrides: dict[str, Any] = {}
+    key = None
+    for item in items:
+        if item.startswith("--"):
+            key, _, inline = item[2:].partition("=")
+            key = key.replace("-", "_")
+            overrides[key] = _literal(inline) if inline else True
+        elif key is None:
+            raise SystemExit(f"error: unexpected argument {item!r}; options look like --key value")
+        elif overrides[key] is True:
+            overrides[key] = _literal(item)
+        else:
+            previous = overrides[key]
+            overrides[key] = (previous if isinstance(previous, list) else [previous]) + [_literal(item)]
+    return overrides
+
+
+def _literal(text: str) -> Any:
+    try:
+        return tomllib.loads(f"value = {text}")["value"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _quiet_libraries() -> None:
+    """Hide the libraries' own progress bars and deprecation chatter; our log says what matters."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        import diffusers.utils.logging as diffusers_logging
+        import transformers.utils.logging as transformers_logging
+
+        diffusers_logging.set_verbosity_error()
+        diffusers_logging.disable_progress_bar()
+        transformers_logging.set_verbosity_error()
+        transformers_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover - both are hard dependencies
+        pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lycolab", description="Train LyCORIS adapters for Stable Diffusion.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    demo = commands.add_parser("demo", help="zero-download end-to-end run on the embedded tiny model")
+    demo.add_argument("--out", required=True, help="folder for the model, data, config, output and logs")
+    demo.add_argument("--algo", default="loha", choices=("loha", "locon", "lora"))
+    demo.add_argument("--epochs", type=int, default=4)
+    train = commands.add_parser("train", help="kohya-compatible training from config_file.toml")
+    train.add_argument("--config_file", required=True)
+    train.add_argument("--dataset_config")
+    return parser
+
+
+def _run_demo(args) -> int:
+    from lycolab.demo import run_demo
+
+    started = time.time()
+    result = run_demo(args.out, algo=args.algo, epochs=args.epochs)
+    training = result.training
+    print(f"demo finished in {time.time() - started:.1f} s (training {training.seconds:.1f} s, "
+          f"{training.total_steps} steps, loss {training.history.losses[0]:.4f} -> "
+          f"{sum(training.history.losses[-5:]) / len(training.history.losses[-5:]):.4f})")
+    for path in training.saved_files + training.sample_files + [training.loss_plot]:
+        print(f"  {path}")
+    return 0
+
+
+def _run_train(args, overrides: dict[str, Any]) -> int:
+    from lycolab.config import load_config
+    from lycolab.training import train
+
+    config = load_config(args.config_file, args.dataset_config, overrides)
+    result = train(config)
+    print(f"saved {len(result.saved_files)} file(s) to {config.output_dir}; loss plot {result.loss_plot}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from lycolab.config import ConfigError
+    from lycolab.data.images import UnreadableImage
+    from lycolab.models.load import ModelLoadError
+    from lycolab.networks import AdapterFileError
+    from lycolab.training import TrainingError
+
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "train":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    _quiet_libraries()
+    try:
+        if args.command == "demo":
+            return _run_demo(args)
+        return _run_train(args, parse_overrides(extra))
+    except (ConfigError, TrainingError, ModelLoadError, AdapterFileError, UnreadableImage) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; files saved so far are complete", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

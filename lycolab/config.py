@@ -1,0 +1,587 @@
+"""One typed configuration, read from and written to sd-scripts' two TOML files.
+
+Users come with ``config_file.toml`` and ``dataset_config.toml`` written by the old Kohya notebook, and expect the ones
+we write to run unchanged in sd-scripts. So names and meanings are sd-scripts' own; sections of ``config_file.toml``
+are flattened exactly as sd-scripts flattens them (the section names do not matter). Validation happens here, once,
+so a typo fails in a second with the key and file named instead of an hour into training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Colab and this project run 3.11+, tomli is the same parser
+    import tomli as tomllib
+
+import tomli_w
+
+logger = logging.getLogger(__name__)
+
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
+SAVE_PRECISIONS = ("float", "fp16", "bf16")
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+MAX_TOKEN_LENGTHS = (75, 150, 225)
+NETWORK_MODULES = ("networks.lora", "lycoris.kohya")
+ALGORITHMS = ("lora", "locon", "loha")
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names the key, the file and the fix."""
+
+
+@dataclass
+class SubsetConfig:
+    """One folder of images (``[[datasets.subsets]]``)."""
+
+    image_dir: str
+    num_repeats: int = 1
+    class_tokens: str | None = None
+    is_reg: bool = False
+    caption_extension: str = ".caption"
+    caption_prefix: str | None = None
+    caption_suffix: str | None = None
+    shuffle_caption: bool = False
+    keep_tokens: int = 0
+    keep_tokens_separator: str = ""
+    caption_dropout_rate: float = 0.0
+    caption_dropout_every_n_epochs: int = 0
+    caption_tag_dropout_rate: float = 0.0
+    flip_aug: bool = False
+    color_aug: bool = False
+    random_crop: bool = False
+
+
+@dataclass
+class DatasetConfig:
+    """One ``[[datasets]]`` entry: images sharing a resolution, bucketing and batch size."""
+
+    subsets: list[SubsetConfig] = field(default_factory=list)
+    resolution: tuple[int, int] = (512, 512)
+    batch_size: int | None = None
+    enable_bucket: bool = False
+    min_bucket_reso: int = 256
+    max_bucket_reso: int = 1024
+    bucket_reso_steps: int = 64
+    bucket_no_upscale: bool = False
+
+
+@dataclass
+class TrainConfig:
+    """Every ``config_file.toml`` key lycolab understands, with sd-scripts' names and defaults."""
+
+    # model
+    pretrained_model_name_or_path: str | None = None
+    v2: bool = False
+    v_parameterization: bool = False
+    vae: str | None = None
+    # network
+    network_module: str = "networks.lora"
+    network_dim: int | None = None
+    network_alpha: float = 1.0
+    network_args: list[str] = field(default_factory=list)
+    network_weights: str | None = None
+    network_dropout: float | None = None
+    network_train_unet_only: bool = False
+    network_train_text_encoder_only: bool = False
+    unet_lr: float | None = None
+    text_encoder_lr: float | None = None
+    no_metadata: bool = False
+    training_comment: str | None = None
+    # optimizer
+    optimizer_type: str = ""
+    learning_rate: float = 2e-6
+    max_grad_norm: float = 1.0
+    optimizer_args: list[str] = field(default_factory=list)
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    lr_scheduler_num_cycles: int = 1
+    lr_scheduler_power: float = 1.0
+    # dataset arguments given in config_file.toml (used when no dataset_config is given)
+    dataset_config: str | None = None
+    train_data_dir: str | None = None
+    reg_data_dir: str | None = None
+    resolution: str | None = None
+    caption_extension: str = ".caption"
+    shuffle_caption: bool = False
+    keep_tokens: int = 0
+    enable_bucket: bool = False
+    min_bucket_reso: int = 256
+    max_bucket_reso: int = 1024
+    bucket_reso_steps: int = 64
+    bucket_no_upscale: bool = False
+    cache_latents: bool = False
+    cache_latents_to_disk: bool = False
+    vae_batch_size: int = 1
+    debug_dataset: bool = False
+    max_data_loader_n_workers: int = 8
+    persistent_data_loader_workers: bool = False
+    # training
+    output_dir: str | None = None
+    output_name: str | None = None
+    save_precision: str | None = None
+    save_model_as: str = "safetensors"
+    save_every_n_epochs: int | None = None
+    save_last_n_epochs: int | None = None
+    save_state: bool = False
+    resume: str | None = None
+    train_batch_size: int = 1
+    max_token_length: int | None = None
+    mem_eff_attn: bool = False
+    xformers: bool = False
+    sdpa: bool = False
+    max_train_epochs: int | None = None
+    max_train_steps: int = 1600
+    seed: int | None = None
+    gradient_checkpointing: bool = False
+    gradient_accumulation_steps: int = 1
+    mixed_precision: str = "no"
+    clip_skip: int | None = None
+    logging_dir: str | None = None
+    log_prefix: str | None = None
+    noise_offset: float | None = None
+    lowram: bool = False
+    prior_loss_weight: float = 1.0
+    # sampling
+    sample_every_n_steps: int | None = None
+    sample_every_n_epochs: int | None = None
+    sample_sampler: str = "euler_a"
+    sample_prompts: str | None = None
+    # filled from dataset_config.toml (or train_data_dir); not a config_file.toml key
+    datasets: list[DatasetConfig] = field(default_factory=list)
+
+
+# Where each key goes when we write config_file.toml: the section names the old Kohya notebook used.
+CONFIG_SECTIONS: dict[str, tuple[str, ...]] = {
+    "model_arguments": ("pretrained_model_name_or_path", "v2", "v_parameterization", "vae"),
+    "additional_network_arguments": (
+        "no_metadata", "unet_lr", "text_encoder_lr", "network_weights", "network_module", "network_dim",
+        "network_alpha", "network_args", "network_dropout", "network_train_unet_only",
+        "network_train_text_encoder_only", "training_comment",
+    ),
+    "optimizer_arguments": (
+        "optimizer_type", "learning_rate", "max_grad_norm", "optimizer_args", "lr_scheduler", "lr_warmup_steps",
+        "lr_scheduler_num_cycles", "lr_scheduler_power",
+    ),
+    "dataset_arguments": (
+        "dataset_config", "train_data_dir", "reg_data_dir", "resolution", "caption_extension", "shuffle_caption",
+        "keep_tokens", "enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps",
+        "bucket_no_upscale", "cache_latents", "cache_latents_to_disk", "vae_batch_size", "debug_dataset",
+        "max_data_loader_n_workers", "persistent_data_loader_workers",
+    ),
+    "training_arguments": (
+        "output_dir", "output_name", "save_precision", "save_every_n_epochs", "save_last_n_epochs", "save_state",
+        "resume", "train_batch_size", "max_token_length", "mem_eff_attn", "xformers", "sdpa", "max_train_epochs",
+        "max_train_steps", "seed", "gradient_checkpointing", "gradient_accumulation_steps", "mixed_precision",
+        "clip_skip", "logging_dir", "log_prefix", "noise_offset", "lowram",
+    ),
+    "sample_prompt_arguments": ("sample_every_n_steps", "sample_every_n_epochs", "sample_sampler", "sample_prompts"),
+    "dreambooth_arguments": ("prior_loss_weight",),
+    "saving_arguments": ("save_model_as",),
+}
+
+DATASET_KEYS = tuple(f.name for f in dataclasses.fields(DatasetConfig) if f.name != "subsets")
+SUBSET_KEYS = tuple(f.name for f in dataclasses.fields(SubsetConfig))
+
+
+# ----------------------------------------------------------------------------------------------------------- typing
+
+
+def _type_name(annotation: Any) -> str:
+    names = {bool: "true/false", int: "an integer", float: "a number", str: "a string"}
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(arg) for arg in typing.get_args(annotation) if arg is not type(None))
+    if origin is list:
+        return "a list of strings"
+    if origin is tuple:
+        return "a size like 512 or [512, 768]"
+    return names.get(annotation, str(annotation))
+
+
+def _coerce(value: Any, annotation: Any) -> Any:
+    """Return ``value`` as ``annotation`` or raise TypeError; only lossless conversions (int → float) are made."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            return None
+        for arg in typing.get_args(annotation):
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg)
+            except TypeError:
+                continue
+        raise TypeError
+    if origin is list:
+        if isinstance(value, str):
+            return value.split()
+        if isinstance(value, list) and all(isinstance(item, (str, int, float)) for item in value):
+            return [str(item) for item in value]
+        raise TypeError
+    if origin is tuple:
+        return _parse_resolution(value)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise TypeError
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise TypeError
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise TypeError
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise TypeError
+    raise TypeError
+
+
+def _parse_resolution(value: Any) -> tuple[int, int]:
+    """sd-scripts accepts ``512``, ``"512"``, ``"512,768"`` and ``[512, 768]`` (width, height)."""
+    if isinstance(value, bool):
+        raise TypeError
+    if isinstance(value, int):
+        return (value, value)
+    if isinstance(value, str):
+        parts = [part.strip() for part in value.split(",")]
+        if not all(part.isdigit() for part in parts) or len(parts) not in (1, 2):
+            raise TypeError
+        value = [int(part) for part in parts]
+    if isinstance(value, (list, tuple)) and len(value) in (1, 2) and all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value
+    ):
+        return (value[0], value[-1])
+    raise TypeError
+
+
+def _fill(target_cls: type, values: dict[str, Any], source: str) -> Any:
+    """Build a dataclass from a dict, naming the key and file on a type mismatch."""
+    hints = typing.get_type_hints(target_cls)
+    kwargs = {}
+    for key, value in values.items():
+        try:
+            kwargs[key] = _coerce(value, hints[key])
+        except TypeError:
+            raise ConfigError(
+                f"{source}: {key} must be {_type_name(hints[key])}, got {value!r} ({type(value).__name__})"
+            ) from None
+    return target_cls(**kwargs)
+
+
+# ------------------------------------------------------------------------------------------------------ config_file
+
+
+def flatten_config_sections(document: dict[str, Any]) -> dict[str, Any]:
+    """Flatten one level of sections, as sd-scripts' ``read_config_from_file`` does (section names are ignored)."""
+    flat: dict[str, Any] = {}
+    for name, value in document.items():
+        if isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[name] = value
+    return flat
+
+
+def _read_toml(path: str | Path, what: str) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: {what} not found; check the path (run the configure step first)")
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path}: not valid TOML ({error}); fix the line it names") from None
+
+
+def _split_known(values: dict[str, Any], known: tuple[str, ...]) -> tuple[dict[str, Any], list[str]]:
+    known_values = {key: value for key, value in values.items() if key in known}
+    unknown = sorted(key for key in values if key not in known)
+    return known_values, unknown
+
+
+def _warn_unknown(unknown: list[str], source: str) -> None:
+    if unknown:
+        logger.warning("%s: ignoring unknown keys: %s", source, ", ".join(unknown))
+
+
+TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name != "datasets")
+
+
+def parse_config_values(values: dict[str, Any], source: str) -> TrainConfig:
+    """Typed TrainConfig from flat key/values; unknown keys get one warning, bad ones a ConfigError."""
+    known, unknown = _split_known(values, TRAIN_KEYS)
+    _warn_unknown(unknown, source)
+    return _fill(TrainConfig, known, source)
+
+
+def read_config_file(path: str | Path) -> TrainConfig:
+    """Read sd-scripts' ``config_file.toml`` (sections flattened) into a TrainConfig, without datasets."""
+    return parse_config_values(flatten_config_sections(_read_toml(path, "config file")), str(path))
+
+
+def _toml_value(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def config_file_document(config: TrainConfig) -> dict[str, dict[str, Any]]:
+    """The sectioned dict we write; None values are left out (TOML has no null, sd-scripts uses its default)."""
+    document: dict[str, dict[str, Any]] = {}
+    for section, keys in CONFIG_SECTIONS.items():
+        values = {key: _toml_value(getattr(config, key)) for key in keys if getattr(config, key) is not None}
+        if values:
+            document[section] = values
+    return document
+
+
+def write_config_file(config: TrainConfig, path: str | Path) -> Path:
+    """Write ``config_file.toml`` that both lycolab and sd-scripts read."""
+    return atomic_write_text(path, tomli_w.dumps(config_file_document(config)))
+
+
+# --------------------------------------------------------------------------------------------------- dataset_config
+
+
+def read_dataset_config(path: str | Path) -> list[DatasetConfig]:
+    """Read ``dataset_config.toml``: ``[general]`` values cascade into datasets, dataset values into subsets."""
+    source = str(path)
+    document = _read_toml(path, "dataset config")
+    general = document.get("general", {})
+    unknown_top = sorted(key for key in document if key not in ("general", "datasets"))
+    _warn_unknown(unknown_top, source)
+    general_known, unknown = _split_known(general, DATASET_KEYS + SUBSET_KEYS)
+    _warn_unknown([f"general.{key}" for key in unknown], source)
+    raw_datasets = document.get("datasets", [])
+    if not raw_datasets:
+        raise ConfigError(f"{source}: no [[datasets]] entry; add one with at least one [[datasets.subsets]] image_dir")
+    return [_read_dataset(raw, general_known, source, index) for index, raw in enumerate(raw_datasets)]
+
+
+def _read_dataset(raw: dict[str, Any], general: dict[str, Any], source: str, index: int) -> DatasetConfig:
+    own = {key: value for key, value in raw.items() if key != "subsets"}
+    own_known, unknown = _split_known(own, DATASET_KEYS + SUBSET_KEYS)
+    _warn_unknown([f"datasets[{index}].{key}" for key in unknown], source)
+    inherited = {**general, **own_known}
+    dataset_values = {key: value for key, value in inherited.items() if key in DATASET_KEYS}
+    dataset = _fill(DatasetConfig, dataset_values, source)
+    subset_defaults = {key: value for key, value in inherited.items() if key in SUBSET_KEYS}
+    raw_subsets = raw.get("subsets", [])
+    if not raw_subsets:
+        raise ConfigError(f"{source}: datasets[{index}] has no [[datasets.subsets]]; add one with image_dir")
+    for subset_index, raw_subset in enumerate(raw_subsets):
+        subset_known, unknown = _split_known(raw_subset, SUBSET_KEYS)
+        _warn_unknown([f"datasets[{index}].subsets[{subset_index}].{key}" for key in unknown], source)
+        values = {**subset_defaults, **subset_known}
+        if "image_dir" not in values:
+            raise ConfigError(f"{source}: datasets[{index}].subsets[{subset_index}] has no image_dir; add image_dir")
+        dataset.subsets.append(_fill(SubsetConfig, values, source))
+    return dataset
+
+
+def dataset_config_document(datasets: list[DatasetConfig]) -> dict[str, Any]:
+    """The dict we write: values shared by every dataset/subset go to ``[general]``, as the old notebook did."""
+    subset_rows = [dataclasses.asdict(subset) for dataset in datasets for subset in dataset.subsets]
+    dataset_rows = [{key: _toml_value(getattr(dataset, key)) for key in DATASET_KEYS} for dataset in datasets]
+    general: dict[str, Any] = {}
+    for rows, keys in ((dataset_rows, DATASET_KEYS), (subset_rows, SUBSET_KEYS)):
+        for key in keys:
+            values = [row[key] for row in rows]
+            if key != "image_dir" and values and all(value == values[0] for value in values) and values[0] is not None:
+                general[key] = values[0]
+    document_datasets = []
+    for dataset, dataset_row in zip(datasets, dataset_rows):
+        entry = {k: v for k, v in dataset_row.items() if k not in general and v is not None}
+        entry["subsets"] = [
+            {k: v for k, v in dataclasses.asdict(subset).items() if k not in general and v is not None}
+            for subset in dataset.subsets
+        ]
+        document_datasets.append(entry)
+    return {"general": general, "datasets": document_datasets}
+
+
+def write_dataset_config(datasets: list[DatasetConfig], path: str | Path) -> Path:
+    """Write ``dataset_config.toml`` that both lycolab and sd-scripts read."""
+    return atomic_write_text(path, tomli_w.dumps(dataset_config_document(datasets)))
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write via a temporary file and rename, so a crash never leaves a half-written config behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    with temporary.open("w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------- whole config
+
+
+def network_args_dict(config: TrainConfig, source: str = "config") -> dict[str, str]:
+    """``network_args = ["algo=loha", "conv_dim=8"]`` as a dict; a malformed item is an error."""
+    parsed = {}
+    for item in config.network_args:
+        key, separator, value = item.partition("=")
+        if not separator or not key.strip():
+            raise ConfigError(f'{source}: network_args item {item!r} must look like "key=value"')
+        parsed[key.strip()] = value.strip()
+    return parsed
+
+
+def datasets_from_config_args(config: TrainConfig, source: str) -> list[DatasetConfig]:
+    """Without dataset_config.toml, sd-scripts builds one DreamBooth dataset from train_data_dir's N_name folders."""
+    from lycolab.data.scan import discover_subsets
+
+    if config.train_data_dir is None:
+        raise ConfigError(f"{source}: neither dataset_config nor train_data_dir is set; set one of them")
+    shared = dict(
+        caption_extension=config.caption_extension,
+        shuffle_caption=config.shuffle_caption,
+        keep_tokens=config.keep_tokens,
+    )
+    subsets = [
+        dataclasses.replace(subset, **shared)
+        for subset in discover_subsets(config.train_data_dir, default_repeats=None)
+    ]
+    if config.reg_data_dir:
+        subsets += [
+            dataclasses.replace(subset, is_reg=True, **shared)
+            for subset in discover_subsets(config.reg_data_dir, default_repeats=None)
+        ]
+    if not subsets:
+        raise ConfigError(
+            f"{source}: train_data_dir {config.train_data_dir} has no N_name folders with images "
+            "(e.g. 10_mychar); rename the folder or use a dataset_config"
+        )
+    return [
+        DatasetConfig(
+            subsets=subsets,
+            resolution=_parse_resolution(config.resolution or "512"),
+            enable_bucket=config.enable_bucket,
+            min_bucket_reso=config.min_bucket_reso,
+            max_bucket_reso=config.max_bucket_reso,
+            bucket_reso_steps=config.bucket_reso_steps,
+            bucket_no_upscale=config.bucket_no_upscale,
+        )
+    ]
+
+
+def load_config(
+    config_file: str | Path | None = None,
+    dataset_config: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> TrainConfig:
+    """Read both TOML files, apply overrides (CLI or notebook form) and validate everything once."""
+    values: dict[str, Any] = {}
+    source = str(config_file) if config_file else "arguments"
+    if config_file is not None:
+        values.update(flatten_config_sections(_read_toml(config_file, "config file")))
+    values.update(overrides or {})
+    if dataset_config is not None:
+        values["dataset_config"] = str(dataset_config)
+    config = parse_config_values(values, source)
+    if config.dataset_config:
+        dataset_path = Path(config.dataset_config)
+        if config_file is not None and not dataset_path.is_absolute() and not dataset_path.exists():
+            dataset_path = Path(config_file).parent / dataset_path
+        config.datasets = read_dataset_config(dataset_path)
+        for dataset in config.datasets:
+            validate_dataset(dataset, str(dataset_path))
+    else:
+        config.datasets = datasets_from_config_args(config, source)
+        for dataset in config.datasets:
+            validate_dataset(dataset, source)
+    validate_config(config, source)
+    return config
+
+
+def _require(condition: bool, source: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{source}: {message}")
+
+
+def validate_config(config: TrainConfig, source: str) -> None:
+    """Reject values that cannot work, naming the key; run before anything slow happens."""
+    _require(config.network_dim is None or config.network_dim >= 1, source,
+             f"network_dim must be at least 1 (got {config.network_dim}); 8-32 is typical")
+    _require(config.network_alpha >= 0, source, f"network_alpha must be >= 0 (got {config.network_alpha})")
+    for key in ("learning_rate", "unet_lr", "text_encoder_lr"):
+        value = getattr(config, key)
+        _require(value is None or value >= 0, source, f"{key} must be >= 0 (got {value}); 1e-4 is typical")
+    for key in ("train_batch_size", "max_train_steps", "gradient_accumulation_steps", "vae_batch_size",
+                "lr_scheduler_num_cycles"):
+        _require(getattr(config, key) >= 1, source, f"{key} must be at least 1 (got {getattr(config, key)})")
+    for key in ("max_train_epochs", "save_every_n_epochs", "save_last_n_epochs", "sample_every_n_epochs",
+                "sample_every_n_steps", "clip_skip"):
+        value = getattr(config, key)
+        _require(value is None or value >= 1, source, f"{key} must be at least 1 (got {value})")
+    _require(config.lr_warmup_steps >= 0, source, f"lr_warmup_steps must be >= 0 (got {config.lr_warmup_steps})")
+    _require(config.max_grad_norm >= 0, source, f"max_grad_norm must be >= 0 (got {config.max_grad_norm})")
+    _require(config.mixed_precision in MIXED_PRECISIONS, source,
+             f"mixed_precision must be one of {', '.join(MIXED_PRECISIONS)} (got {config.mixed_precision!r})")
+    _require(config.save_precision is None or config.save_precision in SAVE_PRECISIONS, source,
+             f"save_precision must be one of {', '.join(SAVE_PRECISIONS)} (got {config.save_precision!r})")
+    _require(config.lr_scheduler in LR_SCHEDULERS, source,
+             f"lr_scheduler must be one of {', '.join(LR_SCHEDULERS)} (got {config.lr_scheduler!r})")
+    _require(config.max_token_length is None or config.max_token_length in MAX_TOKEN_LENGTHS, source,
+             f"max_token_length must be 75, 150 or 225 (got {config.max_token_length})")
+    _require(config.save_model_as == "safetensors", source,
+             f"save_model_as must be safetensors (got {config.save_model_as!r}); other formats are unsafe to load")
+    _require(not (config.network_train_unet_only and config.network_train_text_encoder_only), source,
+             "network_train_unet_only and network_train_text_encoder_only cannot both be true")
+    _require(config.network_module in NETWORK_MODULES, source,
+             f"network_module must be one of {', '.join(NETWORK_MODULES)} (got {config.network_module!r})")
+    network_args = network_args_dict(config, source)
+    algo = network_args.get("algo", "lora")
+    _require(algo in ALGORITHMS, source,
+             f"network_args algo must be one of {', '.join(ALGORITHMS)} (got {algo!r})")
+    for key in ("conv_dim", "conv_alpha"):
+        if key in network_args:
+            try:
+                number = float(network_args[key])
+            except ValueError:
+                number = -1.0
+            _require(number >= 0, source, f"network_args {key} must be a number >= 0 (got {network_args[key]!r})")
+    if config.noise_offset is not None:
+        _require(config.noise_offset >= 0, source, f"noise_offset must be >= 0 (got {config.noise_offset})")
+
+
+def validate_dataset(dataset: DatasetConfig, source: str) -> None:
+    """Dataset values that cannot work: missing folders, sizes that buckets cannot be built from."""
+    width, height = dataset.resolution
+    _require(width >= 64 and height >= 64, source, f"resolution must be at least 64 (got {width}x{height})")
+    _require(dataset.bucket_reso_steps >= 8 and dataset.bucket_reso_steps % 8 == 0, source,
+             f"bucket_reso_steps must be a positive multiple of 8 (got {dataset.bucket_reso_steps})")
+    _require(0 < dataset.min_bucket_reso <= dataset.max_bucket_reso, source,
+             f"min_bucket_reso ({dataset.min_bucket_reso}) must be positive and <= max_bucket_reso "
+             f"({dataset.max_bucket_reso})")
+    _require(dataset.batch_size is None or dataset.batch_size >= 1, source,
+             f"batch_size must be at least 1 (got {dataset.batch_size})")
+    for subset in dataset.subsets:
+        _require(Path(subset.image_dir).is_dir(), source,
+                 f"image_dir {subset.image_dir} does not exist; fix the path or upload the images first")
+        _require(subset.num_repeats >= 1, source, f"num_repeats must be at least 1 (got {subset.num_repeats})")
+        _require(subset.keep_tokens >= 0, source, f"keep_tokens must be >= 0 (got {subset.keep_tokens})")
+        for key in ("caption_dropout_rate", "caption_tag_dropout_rate"):
+            value = getattr(subset, key)
+            _require(0.0 <= value <= 1.0, source, f"{key} must be between 0 and 1 (got {value})")
+        unsupported = [key for key in ("flip_aug", "color_aug", "random_crop") if getattr(subset, key)]
+        _require(not unsupported, source,
+                 f"{', '.join(unsupported)} is not supported yet; set it to false")

@@ -1,0 +1,97 @@
+"""Find images, their captions and their repeat counts on disk, the way sd-scripts and the old notebook do."""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from lycolab.config import SubsetConfig
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+_REPEAT_FOLDER = re.compile(r"^(\d+)_(.+)$")
+
+
+@dataclass
+class ImageRecord:
+    """One training image as the data pipeline sees it, before bucketing."""
+
+    path: Path
+    caption: str
+    num_repeats: int
+    is_reg: bool
+    subset: SubsetConfig
+
+
+def list_images(directory: str | Path) -> list[Path]:
+    """Image files directly inside ``directory`` (not recursive, as sd-scripts), sorted for reproducibility."""
+    directory = Path(directory)
+    return sorted(
+        path for path in directory.iterdir() if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
+    )
+
+
+def parse_repeat_folder(name: str) -> tuple[int, str] | None:
+    """``"10_sks dog"`` → ``(10, "sks dog")``; None when the name has no repeat prefix."""
+    match = _REPEAT_FOLDER.match(name)
+    if not match:
+        return None
+    return int(match.group(1)), match.group(2).replace("_", " ")
+
+
+def discover_subsets(root: str | Path, default_repeats: int | None = 1, class_tokens: str | None = None) -> list[
+    SubsetConfig
+]:
+    """One subset per folder holding images: the root itself and every subfolder, at any depth.
+
+    A folder named ``N_name`` repeats N times with class tokens "name" (sd-scripts' DreamBooth convention). Other
+    folders use ``default_repeats``; with ``default_repeats=None`` they are skipped with a warning, as sd-scripts
+    does for ``train_data_dir`` without a dataset config.
+    """
+    root = Path(root)
+    folders = [root] + sorted(path for path in root.rglob("*") if path.is_dir())
+    subsets = []
+    for folder in folders:
+        if not list_images(folder):
+            continue
+        parsed = parse_repeat_folder(folder.name) if folder != root else None
+        if parsed:
+            repeats, tokens = parsed
+        elif default_repeats is None:
+            logger.warning("%s: folder name is not N_name (e.g. 10_mychar), skipping it", folder)
+            continue
+        else:
+            repeats, tokens = default_repeats, class_tokens
+        subsets.append(SubsetConfig(image_dir=str(folder), num_repeats=repeats, class_tokens=tokens))
+    return subsets
+
+
+def read_caption(image_path: Path, subset: SubsetConfig) -> str | None:
+    """The caption file beside the image (``caption_extension``), or None when there is none."""
+    extension = subset.caption_extension if subset.caption_extension.startswith(".") else "." + subset.caption_extension
+    caption_path = image_path.with_suffix(extension)
+    if not caption_path.is_file():
+        return None
+    text = caption_path.read_text(encoding="utf-8", errors="replace")
+    return text.strip().splitlines()[0].strip() if text.strip() else ""
+
+
+def scan_subset(subset: SubsetConfig) -> list[ImageRecord]:
+    """Records for a subset's images; a missing caption falls back to class_tokens (or empty, with a warning)."""
+    records = []
+    missing = []
+    for image_path in list_images(subset.image_dir):
+        caption = read_caption(image_path, subset)
+        if caption is None:
+            missing.append(image_path.name)
+            caption = subset.class_tokens or ""
+        records.append(ImageRecord(image_path, caption, subset.num_repeats, subset.is_reg, subset))
+    if missing and not subset.class_tokens:
+        logger.warning(
+            "%s: %d image(s) have no %s caption and no class_tokens, training them with an empty caption: %s",
+            subset.image_dir, len(missing), subset.caption_extension, ", ".join(missing[:5]),
+        )
+    return records

@@ -1,0 +1,1 @@
+"""Base models: the embedded tiny SD, loading diffusers folders, text encoding."""

@@ -1,0 +1,187 @@
+"""A tiny but architecturally faithful Stable Diffusion, built in code with a fixed seed.
+
+Tests, the demo and the notebooks' CI run must never download a model, yet they should exercise the very classes a
+real SD 1.x checkpoint uses: diffusers' ``UNet2DConditionModel`` (Transformer2DModel, ResnetBlock2D, Downsample2D,
+Upsample2D), ``AutoencoderKL`` with SD's 8x downscale, transformers' ``CLIPTextModel`` and a working
+``CLIPTokenizer``. Only the sizes are small, so adapters, key names and training code are the real thing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+TINY_SEED = 20240401
+TINY_HIDDEN_SIZE = 32
+TINY_MAX_TOKENS = 77
+
+# Words that get whole-word BPE merges so that captions tokenize into a handful of tokens, like the real CLIP vocab.
+_TINY_WORDS = (
+    "a an the of with and on in at photo picture drawing painting style sks person girl boy cat dog "
+    "red green blue yellow purple orange black white pink brown gray "
+    "circle square triangle stripe stripes dot dots background foreground shape shapes "
+    "long short hair eyes ears smile solo looking viewer simple masterpiece best quality "
+    "lowres bad anatomy text blurry tall wide small large bright dark"
+).split()
+
+
+@dataclass
+class TinySD:
+    """The five parts of a Stable Diffusion model, as training and sampling use them."""
+
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    scheduler: object
+
+    def __iter__(self):
+        return iter((self.unet, self.vae, self.text_encoder, self.tokenizer, self.scheduler))
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP byte-level alphabet: every byte maps to a printable unicode character."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    codes = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            codes.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, (chr(code) for code in codes)))
+
+
+def build_tiny_tokenizer():
+    """A CLIPTokenizer with a byte-level vocabulary plus whole-word merges for common caption words."""
+    from transformers import CLIPTokenizer
+
+    alphabet = list(_bytes_to_unicode().values())
+    tokens = alphabet + [char + "</w>" for char in alphabet]
+    merges: list[tuple[str, str]] = []
+    known = set(tokens)
+    for word in _TINY_WORDS:
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        merged = pieces[0]
+        for piece in pieces[1:]:
+            rule = (merged, piece)
+            merged = merged + piece
+            if rule not in merges:
+                merges.append(rule)
+            if merged not in known:
+                known.add(merged)
+                tokens.append(merged)
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {token: index for index, token in enumerate(tokens)}
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges)
+    tokenizer.model_max_length = TINY_MAX_TOKENS
+    return tokenizer
+
+
+def build_tiny_text_encoder(vocab_size: int, v2: bool = False):
+    """A 4-layer CLIP text encoder, so clip_skip=2 selects a genuinely different layer."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=TINY_HIDDEN_SIZE,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        max_position_embeddings=TINY_MAX_TOKENS,
+        hidden_act="gelu" if v2 else "quick_gelu",
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1,
+    )
+    return CLIPTextModel(config)
+
+
+def build_tiny_unet(v2: bool = False):
+    """Two cross-attention down/up blocks: every module kind LoRA/LoCon/LoHa target is present."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        norm_num_groups=8,
+        cross_attention_dim=TINY_HIDDEN_SIZE,
+        attention_head_dim=(2, 4) if v2 else 8,
+        use_linear_projection=v2,
+    )
+
+
+def build_tiny_vae():
+    """Four encoder blocks give SD's 8x spatial downscale, so bucket and latent sizes behave like the real VAE."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 16, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=128,
+    )
+
+
+def build_tiny_scheduler(v_prediction: bool = False):
+    """The DDPM noise schedule sd-scripts trains with (scaled_linear 0.00085..0.012, 1000 steps)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        clip_sample=False,
+        steps_offset=1,
+        prediction_type="v_prediction" if v_prediction else "epsilon",
+    )
+
+
+def build_tiny_sd(seed: int = TINY_SEED, v2: bool = False, v_prediction: bool = False) -> TinySD:
+    """Build all parts deterministically: the same seed gives bit-identical weights on every machine."""
+    generator_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        tokenizer = build_tiny_tokenizer()
+        text_encoder = build_tiny_text_encoder(len(tokenizer), v2=v2)
+        unet = build_tiny_unet(v2=v2)
+        vae = build_tiny_vae()
+    finally:
+        torch.random.set_rng_state(generator_state)
+    for model in (unet, vae, text_encoder):
+        model.eval()
+    return TinySD(unet, vae, text_encoder, tokenizer, build_tiny_scheduler(v_prediction))
+
+
+def save_tiny_sd(directory: str | Path, seed: int = TINY_SEED, v2: bool = False, v_prediction: bool = False) -> Path:
+    """Write the tiny model as a diffusers folder that ``StableDiffusionPipeline.from_pretrained`` loads offline."""
+    from diffusers import StableDiffusionPipeline
+
+    parts = build_tiny_sd(seed, v2=v2, v_prediction=v_prediction)
+    pipeline = StableDiffusionPipeline(
+        vae=parts.vae,
+        text_encoder=parts.text_encoder,
+        tokenizer=parts.tokenizer,
+        unet=parts.unet,
+        scheduler=parts.scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    directory = Path(directory)
+    pipeline.save_pretrained(directory, safe_serialization=True)
+    return directory

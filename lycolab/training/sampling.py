@@ -1,0 +1,114 @@
+"""Sample images during and after training, from prompt files in kohya's syntax.
+
+A line is ``prompt --n negative --w 512 --h 768 --s 28 --l 7.5 --d 42``; ``#`` starts a comment line. Samples use
+the same text encoding (clip_skip, long prompts) as training.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from lycolab.models.text import encode_prompts
+
+logger = logging.getLogger(__name__)
+
+SAMPLERS = {
+    "ddim": "DDIMScheduler",
+    "pndm": "PNDMScheduler",
+    "lms": "LMSDiscreteScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "heun": "HeunDiscreteScheduler",
+    "dpm_2": "KDPM2DiscreteScheduler",
+    "dpm_2_a": "KDPM2AncestralDiscreteScheduler",
+    "dpmsolver": "DPMSolverMultistepScheduler",
+    "dpmsolver++": "DPMSolverMultistepScheduler",
+    "dpmsingle": "DPMSolverSinglestepScheduler",
+}
+SAMPLER_ALIASES = {"k_lms": "lms", "k_euler": "euler", "k_euler_a": "euler_a", "k_dpm_2": "dpm_2",
+                   "k_dpm_2_a": "dpm_2_a", "euler a": "euler_a", "dpm++ 2m": "dpmsolver++"}
+
+
+@dataclass(frozen=True)
+class SamplePrompt:
+    prompt: str
+    negative_prompt: str = ""
+    width: int = 512
+    height: int = 512
+    steps: int = 30
+    guidance_scale: float = 7.5
+    seed: int | None = None
+
+
+def parse_prompt_line(line: str, defaults: SamplePrompt = SamplePrompt("")) -> SamplePrompt | None:
+    """One kohya prompt line → SamplePrompt; None for blank and comment lines."""
+    line = line.strip()
+    if not line or line.startswith("#"):
+        return None
+    parts = line.split(" --")
+    sample = replace(defaults, prompt=parts[0].strip())
+    fields = {"n": ("negative_prompt", str), "w": ("width", int), "h": ("height", int), "s": ("steps", int),
+              "l": ("guidance_scale", float), "d": ("seed", int)}
+    for option in parts[1:]:
+        flag, _, value = option.strip().partition(" ")
+        if flag not in fields:
+            logger.warning("sample prompt option --%s is not known, ignoring it", flag)
+            continue
+        name, cast = fields[flag]
+        try:
+            sample = replace(sample, **{name: cast(value.strip())})
+        except ValueError:
+            logger.warning("sample prompt option --%s %s is not a valid %s, ignoring it", flag, value, cast.__name__)
+    return sample
+
+
+def read_prompt_file(path: str | Path, defaults: SamplePrompt = SamplePrompt("")) -> list[SamplePrompt]:
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    return [prompt for prompt in (parse_prompt_line(line, defaults) for line in lines) if prompt is not None]
+
+
+def make_sampler(name: str, training_scheduler_config):
+    """A diffusers scheduler for a kohya sampler name, sharing the training noise schedule."""
+    import diffusers
+
+    key = SAMPLER_ALIASES.get(name.lower(), name.lower())
+    if key not in SAMPLERS:
+        raise ValueError(f"sample_sampler {name!r} is not known; use one of {', '.join(SAMPLERS)}")
+    scheduler_class = getattr(diffusers, SAMPLERS[key])
+    extra = {"algorithm_type": key} if key in ("dpmsolver", "dpmsolver++") else {}
+    return scheduler_class.from_config(training_scheduler_config, **extra)
+
+
+@torch.no_grad()
+def generate_samples(parts, prompts: list[SamplePrompt], out_dir: str | Path, file_stem: str, sampler: str = "euler_a",
+                     clip_skip: int | None = None, max_token_length: int | None = None) -> list[Path]:
+    """Render each prompt with the U-Net as it is now (adapter applied) and save PNGs ``{file_stem}_{i:02d}.png``."""
+    from diffusers import StableDiffusionPipeline
+
+    device = next(parts.unet.parameters()).device
+    pipeline = StableDiffusionPipeline(
+        vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=parts.unet,
+        scheduler=make_sampler(sampler, parts.noise_scheduler.config), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index, sample in enumerate(prompts):
+        embeddings = encode_prompts(parts.text_encoder, parts.tokenizer, [sample.prompt, sample.negative_prompt],
+                                    clip_skip, max_token_length, device)
+        generator = torch.Generator(device="cpu").manual_seed(sample.seed if sample.seed is not None else index)
+        image = pipeline(
+            prompt_embeds=embeddings[:1].to(parts.unet.dtype), negative_prompt_embeds=embeddings[1:].to(parts.unet.dtype),
+            height=sample.height - sample.height % 8, width=sample.width - sample.width % 8,
+            num_inference_steps=sample.steps, guidance_scale=sample.guidance_scale, generator=generator,
+        ).images[0]
+        path = out_dir / f"{file_stem}_{index:02d}.png"
+        image.save(path)
+        paths.append(path)
+    return paths
