@@ -23,9 +23,9 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     key = None
     for item in items:
         if item.startswith("--"):
-            key, _, inline = item[2:].partition("=")
+            key, separator, inline = item[2:].partition("=")
             key = key.replace("-", "_")
-            overrides[key] = _literal(inline) if inline else True
+            overrides[key] = _literal(inline) if separator else True
         elif key is None:
             raise SystemExit(f"error: unexpected argument {item!r}; options look like --key value")
         elif overrides[key] is True:
@@ -37,6 +37,8 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 
 
 def _literal(text: str) -> Any:
+    if not text:
+        return ""
     try:
         return tomllib.loads(f"value = {text}")["value"]
     except tomllib.TOMLDecodeError:

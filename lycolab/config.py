@@ -493,7 +493,9 @@ def load_config(
     source = str(config_file) if config_file else "arguments"
     if config_file is not None:
         values.update(flatten_config_sections(_read_toml(config_file, "config file")))
-    values.update(overrides or {})
+    if overrides:
+        parse_config_values(overrides, "command-line arguments")  # names the right source for a bad override
+        values.update({key: value for key, value in overrides.items() if key in TRAIN_KEYS})
     if dataset_config is not None:
         values["dataset_config"] = str(dataset_config)
     config = parse_config_values(values, source)

@@ -100,5 +100,8 @@ class BucketManager:
         """Bucketing off: every image is resized to cover ``resolution`` and centre-cropped to it."""
         target_width, target_height = self.resolution
         scale = max(target_width / image_width, target_height / image_height)
-        resized = (max(target_width, int(image_width * scale + 0.5)), max(target_height, int(image_height * scale + 0.5)))
+        resized = (
+            max(target_width, int(image_width * scale + 0.5)),
+            max(target_height, int(image_height * scale + 0.5)),
+        )
         return BucketChoice(self.resolution, resized, target_width / target_height - image_width / image_height)

@@ -8,7 +8,6 @@ import random
 from collections import Counter
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from lycolab.config import DatasetConfig
@@ -110,7 +109,7 @@ class BucketedDataset:
                             subset_index, dataset_index, subset.image_dir, count, subset.num_repeats,
                             ", is_reg: True" if subset.is_reg else "")
         logger.info("number of images (including repeats): %d", self.num_images_with_repeats())
-        for bucket_index, ((dataset_index, resolution), count) in enumerate(self.bucket_counts().items()):
+        for bucket_index, ((_, resolution), count) in enumerate(self.bucket_counts().items()):
             logger.info("bucket %d: resolution %s, count: %d", bucket_index, resolution, count)
         if self.items:
             mean_error = sum(abs(item.bucket.aspect_ratio_error) for item in self.items) / len(self.items)

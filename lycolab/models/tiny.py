@@ -55,25 +55,32 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, (chr(code) for code in codes)))
 
 
+def _learn_merges(alphabet: list[str]) -> list[tuple[str, str]]:
+    """BPE merges learned (by the tokenizers library) from the tiny word list, so common words become one token."""
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    learner = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+    learner.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    trainer = trainers.BpeTrainer(vocab_size=5000, initial_alphabet=alphabet, end_of_word_suffix="</w>",
+                                  show_progress=False, min_frequency=0)
+    learner.train_from_iterator([" ".join(_TINY_WORDS)], trainer)
+    return [tuple(merge) for merge in json.loads(learner.to_str())["model"]["merges"]]
+
+
 def build_tiny_tokenizer():
-    """A CLIPTokenizer with a byte-level vocabulary plus whole-word merges for common caption words."""
+    """A CLIPTokenizer with CLIP's byte-level alphabet plus merges for common caption words."""
     from transformers import CLIPTokenizer
 
     alphabet = list(_bytes_to_unicode().values())
     tokens = alphabet + [char + "</w>" for char in alphabet]
-    merges: list[tuple[str, str]] = []
+    merges = _learn_merges(alphabet)
     known = set(tokens)
-    for word in _TINY_WORDS:
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
-        merged = pieces[0]
-        for piece in pieces[1:]:
-            rule = (merged, piece)
-            merged = merged + piece
-            if rule not in merges:
-                merges.append(rule)
-            if merged not in known:
-                known.add(merged)
-                tokens.append(merged)
+    for left, right in merges:
+        if left + right not in known:
+            known.add(left + right)
+            tokens.append(left + right)
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     vocab = {token: index for index, token in enumerate(tokens)}
     tokenizer = CLIPTokenizer(vocab=vocab, merges=merges)

@@ -19,7 +19,8 @@ class AdapterModule(nn.Module):
     def __init__(self, lora_name: str, org_module: nn.Module, dim: int, alpha: float | None, multiplier: float = 1.0):
         super().__init__()
         if not isinstance(org_module, (nn.Linear, nn.Conv2d)):
-            raise TypeError(f"{lora_name}: only Linear and Conv2d layers can be adapted, got {type(org_module).__name__}")
+            kind = type(org_module).__name__
+            raise TypeError(f"{lora_name}: only Linear and Conv2d layers can be adapted, got {kind}")
         self.lora_name = lora_name
         self.dim = int(dim)
         alpha = float(self.dim) if alpha is None or float(alpha) == 0 else float(alpha)

@@ -71,7 +71,8 @@ def read_adapter_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[s
             metadata = handle.metadata() or {}
         return load_file(str(path)), metadata
     except (SafetensorError, OSError) as error:
-        raise AdapterFileError(f"{path}: not a readable safetensors file ({error}); re-download or re-save it") from None
+        message = f"{path}: not a readable safetensors file ({error}); re-download or re-save it"
+        raise AdapterFileError(message) from None
 
 
 def group_by_module(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:

@@ -103,8 +103,9 @@ def generate_samples(parts, prompts: list[SamplePrompt], out_dir: str | Path, fi
         embeddings = encode_prompts(parts.text_encoder, parts.tokenizer, [sample.prompt, sample.negative_prompt],
                                     clip_skip, max_token_length, device)
         generator = torch.Generator(device="cpu").manual_seed(sample.seed if sample.seed is not None else index)
+        embeddings = embeddings.to(parts.unet.dtype)
         image = pipeline(
-            prompt_embeds=embeddings[:1].to(parts.unet.dtype), negative_prompt_embeds=embeddings[1:].to(parts.unet.dtype),
+            prompt_embeds=embeddings[:1], negative_prompt_embeds=embeddings[1:],
             height=sample.height - sample.height % 8, width=sample.width - sample.width % 8,
             num_inference_steps=sample.steps, guidance_scale=sample.guidance_scale, generator=generator,
         ).images[0]

@@ -1,0 +1,42 @@
+"""Shared fixtures: everything is built locally (tiny model, generated images); the hub is never contacted."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """The tiny SD saved once per session as a diffusers folder."""
+    from lycolab.models.tiny import save_tiny_sd
+
+    return save_tiny_sd(tmp_path_factory.mktemp("models") / "tiny-sd")
+
+
+@pytest.fixture
+def tiny_sd():
+    """A fresh tiny SD per test: networks wrap modules in place, so tests must not share one."""
+    from lycolab.models.tiny import build_tiny_sd
+
+    return build_tiny_sd()
+
+
+def write_images(directory: Path, sizes: list[tuple[int, int]], captions: list[str] | None = None,
+                 extension: str = ".txt") -> list[Path]:
+    """Solid-colour PNGs of the given sizes with optional caption files beside them."""
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index, size in enumerate(sizes):
+        path = directory / f"img_{index:03d}.png"
+        Image.new("RGB", size, ((index * 60) % 256, 120, 200)).save(path)
+        if captions is not None:
+            path.with_suffix(extension).write_text(captions[index % len(captions)], encoding="utf-8")
+        paths.append(path)
+    return paths

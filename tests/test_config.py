@@ -1,0 +1,186 @@
+import dataclasses
+import logging
+
+import pytest
+import tomli_w
+from conftest import write_images
+
+from lycolab.config import (
+    ConfigError,
+    DatasetConfig,
+    SubsetConfig,
+    TrainConfig,
+    flatten_config_sections,
+    load_config,
+    read_config_file,
+    read_dataset_config,
+    write_config_file,
+    write_dataset_config,
+)
+
+OLD_NOTEBOOK_CONFIG = {
+    "model_arguments": {
+        "v2": False, "v_parameterization": False, "pretrained_model_name_or_path": "/m/anything.safetensors",
+    },
+    "additional_network_arguments": {
+        "no_metadata": False, "unet_lr": 1e-4, "text_encoder_lr": 5e-5, "network_module": "lycoris.kohya",
+        "network_dim": 32, "network_alpha": 16, "network_args": ["algo=loha", "conv_dim=8", "conv_alpha=4"],
+        "network_train_unet_only": False, "network_train_text_encoder_only": False,
+    },
+    "optimizer_arguments": {"optimizer_type": "AdamW8bit", "learning_rate": 1e-4, "max_grad_norm": 1.0,
+                            "lr_scheduler": "constant", "lr_warmup_steps": 0},
+    "dataset_arguments": {"cache_latents": True, "debug_dataset": False, "vae_batch_size": 4},
+    "training_arguments": {
+        "output_dir": "/content/LoRA/output", "output_name": "holo", "save_precision": "fp16",
+        "save_every_n_epochs": 1, "train_batch_size": 6, "max_token_length": 225, "mem_eff_attn": False,
+        "xformers": True, "max_train_epochs": 10, "max_data_loader_n_workers": 8,
+        "persistent_data_loader_workers": True, "seed": 31337, "gradient_checkpointing": False,
+        "gradient_accumulation_steps": 1, "mixed_precision": "fp16", "clip_skip": 2,
+        "logging_dir": "/content/LoRA/logs", "log_prefix": "holo", "lowram": True,
+    },
+    "sample_prompt_arguments": {"sample_every_n_epochs": 1, "sample_sampler": "euler_a"},
+    "dreambooth_arguments": {"prior_loss_weight": 1.0},
+    "saving_arguments": {"save_model_as": "safetensors"},
+}
+
+
+def _write_toml(path, document):
+    path.write_text(tomli_w.dumps(document), encoding="utf-8")
+    return path
+
+
+def test_sections_are_flattened_like_sd_scripts():
+    flat = flatten_config_sections({"a": {"x": 1}, "b": {"y": 2}, "top": 3})
+    assert flat == {"x": 1, "y": 2, "top": 3}
+
+
+def test_old_notebook_config_file_reads_into_typed_config(tmp_path):
+    config = read_config_file(_write_toml(tmp_path / "config_file.toml", OLD_NOTEBOOK_CONFIG))
+    assert config.network_dim == 32 and isinstance(config.network_alpha, float) and config.network_alpha == 16.0
+    assert config.network_args == ["algo=loha", "conv_dim=8", "conv_alpha=4"]
+    assert config.max_token_length == 225 and config.clip_skip == 2 and config.train_batch_size == 6
+    assert config.sample_sampler == "euler_a" and config.mixed_precision == "fp16"
+
+
+def test_config_file_round_trip_is_equal(tmp_path):
+    first = read_config_file(_write_toml(tmp_path / "in.toml", OLD_NOTEBOOK_CONFIG))
+    second = read_config_file(write_config_file(first, tmp_path / "out.toml"))
+    assert first == second
+    assert "[additional_network_arguments]" in (tmp_path / "out.toml").read_text()
+
+
+def test_dataset_config_round_trip_is_equal(tmp_path):
+    write_images(tmp_path / "a", [(64, 64)])
+    write_images(tmp_path / "b", [(64, 64)])
+    datasets = [
+        DatasetConfig(
+            subsets=[SubsetConfig(image_dir=str(tmp_path / "a"), num_repeats=10, class_tokens="sks girl",
+                                  caption_extension=".txt", shuffle_caption=True, keep_tokens=1),
+                     SubsetConfig(image_dir=str(tmp_path / "b"), num_repeats=2, is_reg=True,
+                                  caption_extension=".txt", shuffle_caption=True, keep_tokens=1)],
+            resolution=(512, 768), enable_bucket=True, min_bucket_reso=256, max_bucket_reso=1024,
+        )
+    ]
+    path = write_dataset_config(datasets, tmp_path / "dataset_config.toml")
+    assert read_dataset_config(path) == datasets
+    text = path.read_text()
+    assert "[general]" in text and "[[datasets.subsets]]" in text
+    assert read_dataset_config(write_dataset_config(read_dataset_config(path), tmp_path / "again.toml")) == datasets
+
+
+def test_general_values_cascade_into_datasets_and_subsets(tmp_path):
+    write_images(tmp_path / "imgs", [(64, 64)])
+    path = _write_toml(tmp_path / "d.toml", {
+        "general": {"shuffle_caption": True, "caption_extension": ".txt", "keep_tokens": 2, "resolution": 768},
+        "datasets": [{"batch_size": 3, "keep_tokens": 1, "subsets": [{"image_dir": str(tmp_path / "imgs"),
+                                                                        "num_repeats": 4}]}],
+    })
+    [dataset] = read_dataset_config(path)
+    assert dataset.resolution == (768, 768) and dataset.batch_size == 3
+    [subset] = dataset.subsets
+    assert subset.shuffle_caption and subset.caption_extension == ".txt" and subset.keep_tokens == 1
+
+
+def test_unknown_keys_give_one_warning_listing_them(tmp_path, caplog):
+    document = {"training_arguments": {"output_dir": "o", "frobnicate": 1, "zap_level": "x"}}
+    with caplog.at_level(logging.WARNING):
+        read_config_file(_write_toml(tmp_path / "c.toml", document))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "frobnicate" in warnings[0] and "zap_level" in warnings[0] and "c.toml" in warnings[0]
+
+
+def _dataset_file(tmp_path):
+    write_images(tmp_path / "imgs", [(64, 64)])
+    document = {"datasets": [{"subsets": [{"image_dir": str(tmp_path / "imgs")}]}]}
+    return _write_toml(tmp_path / "dataset_config.toml", document)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ({"network_dim": 0}, "network_dim must be at least 1"),
+        ({"learning_rate": -1e-4}, "learning_rate must be >= 0"),
+        ({"unet_lr": -0.5}, "unet_lr must be >= 0"),
+        ({"network_dim": "eight"}, "network_dim must be an integer"),
+        ({"train_batch_size": 1.5}, "train_batch_size must be an integer"),
+        ({"v2": "yes"}, "v2 must be true/false"),
+        ({"mixed_precision": "fp8"}, "mixed_precision must be one of"),
+        ({"max_token_length": 100}, "max_token_length must be 75, 150 or 225"),
+        ({"network_args": ["algo=ia3"]}, "algo must be one of"),
+        ({"network_args": ["conv_dim"]}, "must look like"),
+    ],
+)
+def test_bad_config_value_names_key_and_file(tmp_path, overrides, expected):
+    config_path = _write_toml(tmp_path / "config_file.toml", {"training_arguments": {"output_dir": "o", **overrides}})
+    with pytest.raises(ConfigError) as error:
+        load_config(config_path, _dataset_file(tmp_path))
+    message = str(error.value)
+    assert expected in message and "config_file.toml" in message
+    assert "\n" not in message
+
+
+def test_missing_image_dir_is_named_with_the_dataset_file(tmp_path):
+    config_path = _write_toml(tmp_path / "config_file.toml", {"a": {"output_dir": "o"}})
+    dataset_path = _write_toml(tmp_path / "dataset_config.toml",
+                               {"datasets": [{"subsets": [{"image_dir": str(tmp_path / "nowhere")}]}]})
+    with pytest.raises(ConfigError, match=r"dataset_config\.toml: image_dir .*nowhere does not exist"):
+        load_config(config_path, dataset_path)
+
+
+def test_subset_without_image_dir_is_an_error(tmp_path):
+    path = _write_toml(tmp_path / "dataset_config.toml", {"datasets": [{"subsets": [{"num_repeats": 3}]}]})
+    with pytest.raises(ConfigError, match="has no image_dir"):
+        read_dataset_config(path)
+
+
+def test_wrong_type_in_dataset_config_names_key(tmp_path):
+    write_images(tmp_path / "imgs", [(64, 64)])
+    path = _write_toml(tmp_path / "dataset_config.toml",
+                       {"datasets": [{"subsets": [{"image_dir": str(tmp_path / "imgs"), "num_repeats": "ten"}]}]})
+    with pytest.raises(ConfigError, match="dataset_config.toml: num_repeats must be an integer"):
+        read_dataset_config(path)
+
+
+def test_overrides_win_over_toml_values(tmp_path):
+    config_path = _write_toml(tmp_path / "config_file.toml", {"x": {"learning_rate": 1e-4, "output_dir": "o"}})
+    config = load_config(config_path, _dataset_file(tmp_path), {"learning_rate": 3e-4})
+    assert config.learning_rate == 3e-4
+
+
+def test_train_data_dir_without_dataset_config_uses_folder_repeats(tmp_path):
+    write_images(tmp_path / "train" / "10_sks dog", [(64, 64)] * 2)
+    write_images(tmp_path / "train" / "3_other", [(64, 64)])
+    config = load_config(overrides={"train_data_dir": str(tmp_path / "train"), "resolution": "512,768",
+                                    "caption_extension": ".txt", "output_dir": "o"})
+    [dataset] = config.datasets
+    assert dataset.resolution == (512, 768)
+    assert sorted((s.num_repeats, s.class_tokens) for s in dataset.subsets) == [(3, "other"), (10, "sks dog")]
+
+
+def test_every_train_key_has_a_section_for_writing():
+    from lycolab.config import CONFIG_SECTIONS, TRAIN_KEYS
+
+    written = {key for keys in CONFIG_SECTIONS.values() for key in keys}
+    assert set(TRAIN_KEYS) == written
+    assert [f.name for f in dataclasses.fields(TrainConfig)][-1] == "datasets"

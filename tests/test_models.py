@@ -1,0 +1,56 @@
+import collections
+
+import torch
+
+from lycolab.models.text import encode_prompts, tokenize
+
+
+def test_tiny_unet_has_every_module_kind_adapters_target(tiny_sd):
+    kinds = collections.Counter(type(module).__name__ for module in tiny_sd.unet.modules())
+    for kind in ("Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D"):
+        assert kinds[kind] >= 1, kind
+    assert len(tiny_sd.unet.down_blocks) >= 2 and len(tiny_sd.unet.up_blocks) >= 2
+    assert tiny_sd.text_encoder.config.num_hidden_layers >= 3
+
+
+def test_tiny_sd_is_deterministic():
+    from lycolab.models.tiny import build_tiny_sd
+
+    first, second = build_tiny_sd(), build_tiny_sd()
+    for a, b in zip(first.unet.parameters(), second.unet.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_tokenizer_splits_caption_words(tiny_sd):
+    tokens = tiny_sd.tokenizer.tokenize("red hair, blue eyes")
+    assert tokens == ["red</w>", "hair</w>", ",</w>", "blue</w>", "eyes</w>"]
+
+
+def test_saved_folder_loads_in_diffusers_pipeline_offline(tiny_model_dir):
+    from diffusers import StableDiffusionPipeline
+
+    pipeline = StableDiffusionPipeline.from_pretrained(str(tiny_model_dir), local_files_only=True)
+    pipeline.set_progress_bar_config(disable=True)
+    image = pipeline("red circle", num_inference_steps=2, height=64, width=64,
+                     generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (64, 64)
+
+
+def test_clip_skip_two_uses_penultimate_layer_with_final_norm(tiny_sd):
+    encoder, tokenizer = tiny_sd.text_encoder, tiny_sd.tokenizer
+    with torch.no_grad():
+        last = encode_prompts(encoder, tokenizer, ["red circle"], clip_skip=1)
+        skipped = encode_prompts(encoder, tokenizer, ["red circle"], clip_skip=2)
+        hidden = encoder(tokenize(tokenizer, ["red circle"]), output_hidden_states=True).hidden_states[-2]
+        expected = encoder.final_layer_norm(hidden)
+    assert last.shape == skipped.shape == (1, 77, 32)
+    torch.testing.assert_close(skipped, expected)
+    assert not torch.allclose(last, skipped)
+
+
+def test_long_prompts_are_encoded_in_chunks_of_75(tiny_sd):
+    prompt = ", ".join(["red circle"] * 60)
+    with torch.no_grad():
+        for length in (150, 225):
+            states = encode_prompts(tiny_sd.text_encoder, tiny_sd.tokenizer, [prompt, "blue"], max_token_length=length)
+            assert states.shape == (2, length + 2, 32)
