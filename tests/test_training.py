@@ -1,3 +1,4 @@
+import numpy as np
 import torch
 
 from lycolab.config import load_config
@@ -28,8 +29,8 @@ def _fixed_batch_loss(parts, images_dir):
     from PIL import Image
 
     pixels = torch.stack([
-        torch.from_numpy(__import__("numpy").array(Image.open(images_dir / f"{i}.png"))).permute(2, 0, 1).float()
-        / 127.5 - 1 for i in range(len(SHAPES))
+        torch.from_numpy(np.array(Image.open(images_dir / f"{i}.png"))).permute(2, 0, 1).float() / 127.5 - 1
+        for i in range(len(SHAPES))
     ])
     generator = torch.Generator().manual_seed(1234)
     with torch.no_grad():
