@@ -134,3 +134,16 @@ def test_pickled_and_broken_files_are_refused(tiny_sd, tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"garbage")
     with pytest.raises(AdapterFileError, match="not a readable safetensors"):
         load_network(tmp_path / "bad.safetensors", tiny_sd.unet)
+
+
+def test_adapters_get_gradients_through_gradient_checkpointing(tiny_sd):
+    network = create_network(tiny_sd.unet, algo="locon", dim=4, conv_dim=2)
+    tiny_sd.unet.requires_grad_(False)
+    tiny_sd.unet.enable_gradient_checkpointing()
+    tiny_sd.unet.train()
+    _randomize(network)
+    sample, timesteps, context = _unet_inputs()
+    tiny_sd.unet(sample, timesteps, context).sample.square().mean().backward()
+    grads = [p.grad for p in network.parameters()]
+    assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0
+    assert all(p.grad is None for p in tiny_sd.unet.parameters())

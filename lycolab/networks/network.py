@@ -83,7 +83,8 @@ class AdapterNetwork(nn.Module):
         return save_adapter_file(self.state_dict(), path, {**self.network_metadata(), **(metadata or {})}, dtype)
 
 
-def _default_network_module(algo: str, conv_dim: int) -> str:
+def _default_network_module(algo: str) -> str:
+    """LoRA/LoCon files are plain kohya files; LoHa needs LyCORIS to load in sd-scripts and A1111."""
     return "lycoris.kohya" if algo == "loha" else "networks.lora"
 
 
@@ -122,6 +123,6 @@ def create_network(
         else:
             adapters.append(module_class(target.lora_name, target.module, dim, alpha, multiplier))
     hyperparameters = {"dim": dim, "alpha": alpha if alpha else dim, "conv_dim": conv_dim, "conv_alpha": conv_alpha}
-    network = AdapterNetwork(adapters, algo, network_module or _default_network_module(algo, conv_dim), hyperparameters)
+    network = AdapterNetwork(adapters, algo, network_module or _default_network_module(algo), hyperparameters)
     network.apply_to()
     return network
