@@ -155,6 +155,7 @@ class Trainer:
         self.result = TrainResult()
 
     def setup(self) -> None:
+        """Everything that can fail on user input runs first (config, data, prompts), before any model loads."""
         config = self.config
         if not config.pretrained_model_name_or_path:
             raise TrainingError("pretrained_model_name_or_path is not set; run the model download step first")
@@ -166,12 +167,28 @@ class Trainer:
             from accelerate.utils import set_seed
 
             set_seed(config.seed)
+        self._prepare_data()
+        self._prepare_models()
+        self._prepare_optimizer()
+        self.latent_cache = (cache_all_latents(self.dataset, self.parts.vae, config.vae_batch_size)
+                             if config.cache_latents else None)
+        logger.info("num batches per epoch: %d, num epochs: %d, batch size: %d, gradient accumulation: %d, "
+                    "total optimization steps: %d", self.plan.batches_per_epoch, self.plan.epochs,
+                    config.train_batch_size, config.gradient_accumulation_steps, self.plan.total_steps)
+
+    def _prepare_data(self) -> None:
+        config = self.config
         self.rng = random.Random(config.seed or 0)
         self.dataset = BucketedDataset(config.datasets, config.train_batch_size, seed=config.seed or 0)
         self.dataset.log_summary()
         if len(self.dataset) == 0:
             raise TrainingError("no usable images in the dataset; check image_dir and the skipped-file warnings")
         self.plan = plan_run(config, self.dataset)
+        self.sample_prompts = self._read_sample_prompts()
+        self.metadata = training_metadata(config, self.dataset)
+
+    def _prepare_models(self) -> None:
+        config = self.config
         self.parts = load_stable_diffusion(config.pretrained_model_name_or_path, config.vae,
                                            config.v_parameterization)
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
@@ -185,19 +202,15 @@ class Trainer:
             self.parts.unet.train()
         self.network.to(self.accelerator.device, dtype=torch.float32)
         self.network.requires_grad_(True)
+
+    def _prepare_optimizer(self) -> None:
+        config = self.config
         groups = self.network.parameter_groups(config.unet_lr, config.text_encoder_lr, config.learning_rate)
         optimizer = build_optimizer(config.optimizer_type, groups, config.learning_rate, config.optimizer_args)
         scheduler = build_lr_scheduler(config.lr_scheduler, optimizer, config.lr_warmup_steps,
                                        self.plan.total_steps * self.accelerator.num_processes,
                                        config.lr_scheduler_num_cycles, config.lr_scheduler_power)
         self.optimizer, self.lr_scheduler = self.accelerator.prepare(optimizer, scheduler)
-        self.latent_cache = (cache_all_latents(self.dataset, self.parts.vae, config.vae_batch_size)
-                             if config.cache_latents else None)
-        self.metadata = training_metadata(config, self.dataset)
-        self.sample_prompts = self._read_sample_prompts()
-        logger.info("num batches per epoch: %d, num epochs: %d, batch size: %d, gradient accumulation: %d, "
-                    "total optimization steps: %d", self.plan.batches_per_epoch, self.plan.epochs,
-                    config.train_batch_size, config.gradient_accumulation_steps, self.plan.total_steps)
 
     def _read_sample_prompts(self) -> list[SamplePrompt]:
         path = self.config.sample_prompts
