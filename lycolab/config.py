@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import sys
 import types
 import typing
@@ -24,6 +23,8 @@ else:  # pragma: no cover - Colab and this project run 3.11+, tomli is the same 
     import tomli as tomllib
 
 import tomli_w
+
+from lycolab.files import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -419,16 +420,8 @@ def write_dataset_config(datasets: list[DatasetConfig], path: str | Path) -> Pat
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write via a temporary file and rename, so a crash never leaves a half-written config behind."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    with temporary.open("w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-    return path
+    """Write text so that a crash never leaves a half-written config behind."""
+    return atomic_write(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
 
 
 # ----------------------------------------------------------------------------------------------------- whole config

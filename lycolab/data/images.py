@@ -11,6 +11,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 logger = logging.getLogger(__name__)
 
 
+# What PIL raises for truncated, non-image, corrupt or decompression-bomb files.
+_READ_ERRORS = (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError)
+
+
 class UnreadableImage(Exception):
     """An image file that cannot be used; the message says which file and why."""
 
@@ -23,7 +27,7 @@ def open_rgb(path: str | Path) -> Image.Image:
             image.seek(0)
             image = ImageOps.exif_transpose(image)
             image.load()
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
+    except _READ_ERRORS as error:
         raise UnreadableImage(f"{path}: cannot read image ({error})") from None
     if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
@@ -39,7 +43,7 @@ def image_size(path: str | Path) -> tuple[int, int]:
         with Image.open(path) as image:
             width, height = image.size
             orientation = image.getexif().get(0x0112, 1)
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
+    except _READ_ERRORS as error:
         raise UnreadableImage(f"{path}: cannot read image ({error})") from None
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 

@@ -16,12 +16,8 @@ def tokenize(tokenizer, prompts: list[str], max_token_length: int | None = None)
     return tokenizer(prompts, padding="max_length", truncation=True, max_length=length, return_tensors="pt").input_ids
 
 
-def _chunk_ids(input_ids: torch.Tensor, tokenizer) -> list[torch.Tensor]:
-    """Split (B, 75k+2) ids into k chunks of 77, each wrapped in BOS … EOS as CLIP was trained.
-
-    A chunk that holds only padding after real text ended gets an EOS right after BOS, like sd-scripts, so that the
-    pooled position stays meaningful (v2 pads with 0 instead of EOS).
-    """
+def _chunk_ids(input_ids: torch.Tensor) -> list[torch.Tensor]:
+    """Split (B, 75k+2) ids into k chunks of 77, each wrapped in BOS … EOS as CLIP was trained (sd-scripts' rule)."""
     bos, eos = input_ids[:, :1], input_ids[:, -1:]
     body = input_ids[:, 1:-1]
     chunks = []
@@ -47,7 +43,7 @@ def encode_prompts(
     """
     device = device or next(text_encoder.parameters()).device
     input_ids = tokenize(tokenizer, prompts, max_token_length).to(device)
-    states = [_encode_chunk(text_encoder, chunk, clip_skip) for chunk in _chunk_ids(input_ids, tokenizer)]
+    states = [_encode_chunk(text_encoder, chunk, clip_skip) for chunk in _chunk_ids(input_ids)]
     if len(states) == 1:
         return states[0]
     pieces = [states[0][:, :1]] + [state[:, 1:-1] for state in states] + [states[-1][:, -1:]]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 
 import torch
@@ -13,6 +12,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save, save_file
 from torch import nn
 
+from lycolab.files import atomic_write
 from lycolab.networks.naming import UNET_PREFIX, canonical_named_modules, lora_name, text_encoder_prefix
 
 logger = logging.getLogger(__name__)
@@ -49,14 +49,7 @@ def save_adapter_file(
     }
     metadata = {key: str(value) for key, value in metadata.items() if value is not None}
     metadata.update(model_hashes(tensors, metadata))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(temporary), metadata)
-    with temporary.open("rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-    return path
+    return atomic_write(path, lambda temporary: save_file(tensors, str(temporary), metadata))
 
 
 def read_adapter_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
