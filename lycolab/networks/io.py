@@ -13,12 +13,16 @@ from safetensors.torch import load_file, save, save_file
 from torch import nn
 
 from lycolab.files import atomic_write
+from lycolab.networks.base import AdapterModule, AdapterShapeError
 from lycolab.networks.naming import UNET_PREFIX, canonical_named_modules, lora_name, text_encoder_prefix
 
 logger = logging.getLogger(__name__)
 
 # The key that identifies each algorithm's module in a file.
 ALGORITHM_MARKERS = {"lora_down.weight": "lora", "hada_w1_a": "loha", "lokr_w1": "lokr", "lokr_w1_a": "lokr"}
+# Keys of LyCORIS algorithms this version cannot rebuild, with a readable name.
+UNSUPPORTED_MARKERS = {"diff": "full (diff)", "weight": "ia3", "oft_blocks": "oft", "oft_diag": "diag-oft",
+                       "a1.weight": "glora", "lora_A.weight": "peft/diffusers-format lora", "b1.weight": "glora"}
 
 
 class AdapterFileError(ValueError):
@@ -84,6 +88,13 @@ def detect_algorithm(parameters: dict[str, torch.Tensor]) -> str | None:
     return None
 
 
+def unsupported_algorithm(parameters: dict[str, torch.Tensor]) -> str | None:
+    for marker, name in UNSUPPORTED_MARKERS.items():
+        if marker in parameters:
+            return name
+    return None
+
+
 def adaptable_layers(unet: nn.Module | None, text_encoders: list[nn.Module]) -> dict[str, nn.Module]:
     """Every Linear/Conv2d under its file name: files may target layers beyond our defaults (e.g. conv_in)."""
     roots = [(UNET_PREFIX, unet)] if unet is not None else []
@@ -96,10 +107,38 @@ def adaptable_layers(unet: nn.Module | None, text_encoders: list[nn.Module]) -> 
     return layers
 
 
-def module_rank(algo: str, parameters: dict[str, torch.Tensor]) -> int:
-    if algo == "lora":
-        return parameters["lora_down.weight"].shape[0]
-    return parameters["hada_w1_b"].shape[0]
+def build_adapters(path: Path, tensors: dict[str, torch.Tensor], layers: dict[str, nn.Module], multiplier: float
+                   ) -> tuple[list[AdapterModule], list[str], dict[str, list[str]]]:
+    """(adapters, module names matching no layer, unsupported algorithm → module names) from a file's tensors."""
+    from lycolab.networks.network import ALGORITHM_MODULES
+
+    adapters, unmatched, unsupported = [], [], {}
+    for module_name, parameters in group_by_module(tensors).items():
+        algo = detect_algorithm(parameters)
+        if "dora_scale" in parameters:
+            raise AdapterFileError(f"{path}: {module_name} uses DoRA (dora_scale), which lycolab cannot apply yet")
+        if algo is None:
+            other = unsupported_algorithm(parameters)
+            if other is not None and module_name in layers:
+                unsupported.setdefault(other, []).append(module_name)
+            else:
+                unmatched.append(module_name)
+        elif module_name not in layers:
+            unmatched.append(module_name)
+        else:
+            try:
+                adapters.append(ALGORITHM_MODULES[algo].from_weights(module_name, layers[module_name], parameters,
+                                                                     multiplier))
+            except AdapterShapeError as error:
+                raise AdapterFileError(f"{path}: {error}") from None
+            except (KeyError, RuntimeError) as error:
+                raise AdapterFileError(f"{path}: {module_name} has incomplete or malformed {algo} tensors "
+                                       f"({error}); re-download or re-save the file") from None
+    return adapters, unmatched, unsupported
+
+
+def _summarise(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (" …" if len(names) > 5 else "")
 
 
 def load_network(
@@ -107,45 +146,37 @@ def load_network(
     unet: nn.Module | None,
     text_encoders: list[nn.Module] | None = None,
     multiplier: float = 1.0,
+    apply: bool = True,
 ):
     """Rebuild an adapter from a file (ours, sd-scripts' or LyCORIS'), apply it to the model and return it.
 
-    The algorithm and each module's rank come from the keys and shapes; keys naming no layer of the given model are
-    reported (count and first few) rather than silently dropped.
+    The algorithm, each module's rank and layout (tucker, LoKr factors) come from the keys and shapes. Modules
+    naming no layer of the given model, or using an algorithm lycolab cannot rebuild, are reported (count and first
+    few) rather than silently dropped. With ``apply=False`` the model is left untouched (e.g. to merge instead).
     """
-    from lycolab.networks.network import ALGORITHM_MODULES, AdapterNetwork
+    from lycolab.networks.network import AdapterNetwork
 
     path = Path(path)
     tensors, metadata = read_adapter_file(path)
     layers = adaptable_layers(unet, text_encoders or [])
-    adapters, unmatched, algorithms = [], [], set()
-    for module_name, parameters in group_by_module(tensors).items():
-        algo = detect_algorithm(parameters)
-        if module_name not in layers or algo is None:
-            unmatched.append(module_name)
-            continue
-        if algo not in ALGORITHM_MODULES:
-            raise AdapterFileError(f"{path}: {algo} modules are not supported yet; use a LoRA/LoCon/LoHa file")
-        alpha = parameters.get("alpha")
-        module = ALGORITHM_MODULES[algo](
-            module_name, layers[module_name], module_rank(algo, parameters),
-            None if alpha is None else float(alpha), multiplier,
-        )
-        state = dict(parameters)
-        state.setdefault("alpha", module.alpha)
-        module.load_state_dict(state, strict=True)
-        adapters.append(module)
-        algorithms.add(algo)
+    adapters, unmatched, unsupported = build_adapters(path, tensors, layers, multiplier)
     if unmatched:
-        logger.warning("%s: %d module(s) match no layer of this model and were skipped: %s%s", path.name,
-                       len(unmatched), ", ".join(unmatched[:5]), " …" if len(unmatched) > 5 else "")
+        logger.warning("%s: %d module(s) match no layer of this model and were skipped: %s", path.name,
+                       len(unmatched), _summarise(unmatched))
+    for algo, names in unsupported.items():
+        logger.warning("%s: %d module(s) use %s, which lycolab cannot apply; skipped: %s", path.name, len(names),
+                       algo, _summarise(names))
     if not adapters:
-        raise AdapterFileError(f"{path}: no key matches this model; is it an adapter for SD 1.x/2.x?")
+        raise AdapterFileError(f"{path}: no module of this file can be applied to this model; is it an adapter "
+                               "for SD 1.x/2.x?")
+    algorithms = {adapter.algo for adapter in adapters}
     algo = metadata_algorithm(metadata) or (algorithms.pop() if len(algorithms) == 1 else "lora")
     hyperparameters = {"dim": metadata.get("ss_network_dim", adapters[0].dim),
                        "alpha": metadata.get("ss_network_alpha", float(adapters[0].alpha))}
-    network = AdapterNetwork(adapters, algo, metadata.get("ss_network_module", "networks.lora"), hyperparameters)
-    network.apply_to()
+    default_module = "networks.lora" if algo == "lora" else "lycoris.kohya"
+    network = AdapterNetwork(adapters, algo, metadata.get("ss_network_module", default_module), hyperparameters)
+    if apply:
+        network.apply_to()
     return network
 
 

@@ -1,7 +1,9 @@
 """LoHa (FedPara): ΔW = (w1a · w1b) ⊙ (w2a · w2b), so rank up to dim² from 4·dim vectors.
 
 Keys and initialisation follow LyCORIS: ``hada_w1_a`` (out, dim), ``hada_w1_b`` (dim, in·k·k), likewise ``w2``;
-w1_a ~ N(0, 0.1), w1_b and w2_b ~ N(0, 1), w2_a = 0 so ΔW starts at zero.
+w1_a ~ N(0, 0.1), w1_b and w2_b ~ N(0, 1), w2_a = 0 so ΔW starts at zero. With ``use_tucker`` a kxk conv keeps its
+kernel in two cores ``hada_t1``/``hada_t2`` (dim, dim, k, k) ~ N(0, 0.1), and the w matrices become (dim, out) and
+(dim, in). The layer runs with a merged weight built and freed per call (see ``merged_weight``).
 """
 
 from __future__ import annotations
@@ -9,27 +11,170 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from lycolab.networks.base import AdapterModule, layer_shape
+from lycolab.networks.base import MergedWeightAdapter, file_alpha, layer_shape, load_factors, output_tokens
+from lycolab.networks.merged_weight import WORKSPACE, WeightGradient
+
+# Rows of ΔW are built this many elements at a time, so the products stay in cache instead of making full-size
+# round trips to memory (the step is memory-bound on CPU); on a GPU whole matrices are fine.
+CPU_CHUNK_ELEMENTS = 1 << 18
+GPU_CHUNK_ELEMENTS = 1 << 26
+
+PLAIN_FACTORS = ["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"]
+TUCKER_FACTORS = ["hada_t1", "hada_w1_a", "hada_w1_b", "hada_t2", "hada_w2_a", "hada_w2_b"]
 
 
-class LoHaModule(AdapterModule):
+class LoHaModule(MergedWeightAdapter):
     algo = "loha"
 
-    def __init__(self, lora_name: str, org_module: nn.Module, dim: int, alpha: float | None, multiplier: float = 1.0):
-        super().__init__(lora_name, org_module, dim, alpha, multiplier)
+    def __init__(self, lora_name: str, org_module: nn.Module, dim: int, alpha: float | None, multiplier: float = 1.0,
+                 dropout: float = 0.0, rank_dropout: float = 0.0, module_dropout: float = 0.0,
+                 use_tucker: bool = False, rank_dropout_scale: bool = False, **unused):
+        super().__init__(lora_name, org_module, dim, alpha, multiplier, 0.0, rank_dropout, module_dropout,
+                         rank_dropout_scale)
         out_dim, in_dim, kernel = layer_shape(org_module)
-        flat_in = in_dim * math.prod(kernel)
-        self.hada_w1_a = nn.Parameter(torch.empty(out_dim, self.dim))
-        self.hada_w1_b = nn.Parameter(torch.empty(self.dim, flat_in))
-        self.hada_w2_a = nn.Parameter(torch.empty(out_dim, self.dim))
-        self.hada_w2_b = nn.Parameter(torch.empty(self.dim, flat_in))
+        self.tucker = bool(use_tucker and kernel and kernel != (1, 1))
+        if self.tucker:
+            self.hada_t1 = nn.Parameter(torch.empty(self.dim, self.dim, *kernel))
+            self.hada_w1_a = nn.Parameter(torch.empty(self.dim, out_dim))
+            self.hada_w1_b = nn.Parameter(torch.empty(self.dim, in_dim))
+            self.hada_t2 = nn.Parameter(torch.empty(self.dim, self.dim, *kernel))
+            self.hada_w2_a = nn.Parameter(torch.empty(self.dim, out_dim))
+            self.hada_w2_b = nn.Parameter(torch.empty(self.dim, in_dim))
+            nn.init.normal_(self.hada_t1, std=0.1)
+            nn.init.normal_(self.hada_t2, std=0.1)
+        else:
+            flat_in = in_dim * math.prod(kernel)
+            self.hada_w1_a = nn.Parameter(torch.empty(out_dim, self.dim))
+            self.hada_w1_b = nn.Parameter(torch.empty(self.dim, flat_in))
+            self.hada_w2_a = nn.Parameter(torch.empty(out_dim, self.dim))
+            self.hada_w2_b = nn.Parameter(torch.empty(self.dim, flat_in))
         nn.init.normal_(self.hada_w1_b, std=1.0)
         nn.init.normal_(self.hada_w1_a, std=0.1)
         nn.init.normal_(self.hada_w2_b, std=1.0)
         nn.init.zeros_(self.hada_w2_a)
 
-    def delta_weight(self) -> torch.Tensor:
-        product = (self.hada_w1_a @ self.hada_w1_b) * (self.hada_w2_a @ self.hada_w2_b)
-        return product.reshape(self.org_module.weight.shape) * self.scale
+    @classmethod
+    def from_weights(cls, lora_name: str, org_module: nn.Module, weights: dict[str, torch.Tensor],
+                     multiplier: float = 1.0) -> LoHaModule:
+        tucker = "hada_t1" in weights
+        module = cls(lora_name, org_module, weights["hada_w1_b"].shape[0], file_alpha(weights), multiplier,
+                     use_tucker=tucker)
+        load_factors(module, weights, TUCKER_FACTORS if tucker else PLAIN_FACTORS)
+        module.check_shape()
+        return module
+
+    def factors(self) -> list[torch.Tensor]:
+        return [getattr(self, name) for name in (TUCKER_FACTORS if self.tucker else PLAIN_FACTORS)]
+
+    def make_delta(self, *factors: torch.Tensor) -> torch.Tensor:
+        if self.tucker:
+            t1, w1a, w1b, t2, w2a, w2b = factors
+            first = torch.einsum("ij...,jr,ip->pr...", t1, w1b, w1a * self.scale)
+            return first * torch.einsum("ij...,jr,ip->pr...", t2, w2b, w2a)
+        w1a, w1b, w2a, w2b = factors
+        return ((w1a * self.scale) @ w1b).mul(w2a @ w2b).reshape(self.weight_shape)
+
+    def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The cheaper of two exact forms: the merged weight, or the rank-dim² factored form when few tokens meet a
+        big layer (the deep U-Net blocks at low resolution)."""
+        if self.tucker or getattr(self.org_module, "groups", 1) != 1 or not self._factored_is_cheaper(x):
+            return super().adapted_forward(x)
+        return self._factored_forward(x)
+
+    def _factored_is_cheaper(self, x: torch.Tensor) -> bool:
+        out_dim = self.weight_shape[0]
+        flat_in = math.prod(self.weight_shape[1:])
+        tokens = output_tokens(self.org_module, x)
+        factored = 3 * tokens * self.dim**2 * (flat_in + out_dim)
+        merged = 8 * self.dim * out_dim * flat_in + tokens * out_dim * flat_in
+        return factored < merged
+
+    def _factored_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """ΔW = A · B with A[o, (i, j)] = w1a[o, i]·w2a[o, j] and B[(i, j), k] = w1b[i, k]·w2b[j, k]: run x through
+        B (dim² channels) then A, beside the frozen layer; autograd keeps only x, the dim² activations and A, B."""
+        base = self.original_forward(x)
+        rank_sq = self.dim**2
+        out_dim = self.weight_shape[0]
+        row_factor = self.row_scale(x.device) * self.scale
+        mix = (self.hada_w1_a[:, :, None] * self.hada_w2_a[:, None, :]).reshape(out_dim, rank_sq)
+        mix = mix * row_factor.to(mix.dtype)[:, None]
+        basis = (self.hada_w1_b[:, None, :] * self.hada_w2_b[None, :, :]).reshape(rank_sq, -1)
+        x = x.to(basis.dtype)
+        layer = self.org_module
+        if self.is_conv:
+            hidden = F.conv2d(x, basis.view(rank_sq, *self.weight_shape[1:]), None, layer.stride, layer.padding,
+                              layer.dilation)
+            delta = F.conv2d(hidden, mix[:, :, None, None])
+        else:
+            delta = F.linear(F.linear(x, basis), mix)
+        return base + delta.to(base.dtype)
+
+    def merged_weight(self, weight: torch.Tensor, factors: list[torch.Tensor], row_scale: torch.Tensor,
+                      dtype: torch.dtype) -> torch.Tensor:
+        """W + (a1 · w1b) ⊙ (w2a · w2b) with a1 = w1a · scale · row_scale, built chunk by chunk of rows."""
+        if self.tucker:
+            return super().merged_weight(weight, factors, row_scale, dtype)
+        w1a, w1b, w2a, w2b = factors
+        first_a = w1a * (row_scale * self.scale).to(w1a.dtype)[:, None]
+        flat_weight = weight.reshape(weight.shape[0], -1)
+        merged = WORKSPACE.take("merged", flat_weight.shape, dtype, weight.device)
+        for rows, first, second in _row_products(first_a, w1b, w2a, w2b):
+            _write_rows(merged[rows], flat_weight[rows], first, second)
+        return merged.view(weight.shape)
+
+    def merged_weight_backward(self, weight: torch.Tensor, factors: list[torch.Tensor], row_scale: torch.Tensor,
+                               dtype: torch.dtype, grad_merged: WeightGradient, need_merged: bool
+                               ) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        """Factor gradients of ΔW = (a1 · w1b) ⊙ (w2a · w2b) from ∂L/∂W, sharing each chunk's products with the
+        rebuilt merged weight."""
+        if self.tucker:
+            return super().merged_weight_backward(weight, factors, row_scale, dtype, grad_merged, need_merged)
+        w1a, w1b, w2a, w2b = factors
+        row_factor = (row_scale * self.scale).to(w1a.dtype)[:, None]
+        first_a = w1a * row_factor
+        flat_weight = weight.reshape(weight.shape[0], -1)
+        merged = WORKSPACE.take("merged", flat_weight.shape, dtype, weight.device) if need_merged else None
+        grad_first_a, grad_w2a = torch.empty_like(w1a), torch.empty_like(w2a)
+        grad_w1b, grad_w2b = torch.zeros_like(w1b), torch.zeros_like(w2b)
+        for rows, first, second in _row_products(first_a, w1b, w2a, w2b):
+            if merged is not None:
+                _write_rows(merged[rows], flat_weight[rows], first, second)
+            grad_rows = grad_merged.rows(rows).to(first.dtype)
+            through_first = grad_rows * second  # ∂L/∂(a1 · w1b) for these rows
+            torch.mm(through_first, w1b.t(), out=grad_first_a[rows])
+            grad_w1b.addmm_(first_a[rows].t(), through_first)
+            torch.mul(grad_rows, first, out=through_first)  # ∂L/∂(w2a · w2b)
+            torch.mm(through_first, w2b.t(), out=grad_w2a[rows])
+            grad_w2b.addmm_(w2a[rows].t(), through_first)
+        grads = [grad_first_a * row_factor, grad_w1b, grad_w2a, grad_w2b]
+        return (None if merged is None else merged.view(weight.shape)), grads
+
+
+def _row_products(first_a: torch.Tensor, first_b: torch.Tensor, second_a: torch.Tensor, second_b: torch.Tensor):
+    """Yield (rows, first_a[rows] · first_b, second_a[rows] · second_b) for cache-sized chunks of rows.
+
+    The two product buffers are reused between chunks; consume them before asking for the next chunk.
+    """
+    height, width = first_a.shape[0], first_b.shape[1]
+    budget = GPU_CHUNK_ELEMENTS if first_a.is_cuda else CPU_CHUNK_ELEMENTS
+    step = max(1, min(height, budget // max(1, width)))
+    first_buffer = first_a.new_empty(step, width)
+    second_buffer = first_a.new_empty(step, width)
+    for start in range(0, height, step):
+        rows = slice(start, min(height, start + step))
+        count = rows.stop - start
+        first, second = first_buffer[:count], second_buffer[:count]
+        torch.mm(first_a[rows], first_b, out=first)
+        torch.mm(second_a[rows], second_b, out=second)
+        yield rows, first, second
+
+
+def _write_rows(target: torch.Tensor, weight_rows: torch.Tensor, first: torch.Tensor, second: torch.Tensor) -> None:
+    """target = weight_rows + first ⊙ second, without a full-size temporary when the dtypes agree."""
+    if target.dtype == weight_rows.dtype == first.dtype:
+        torch.addcmul(weight_rows, first, second, out=target)
+    else:
+        target.copy_(first.mul(second).add_(weight_rows))

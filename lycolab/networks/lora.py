@@ -1,7 +1,11 @@
 """LoRA and LoCon: ΔW = up · down, run as a low-rank side path so ΔW is never formed.
 
 The same module serves LoRA (Linear and 1x1 conv) and LoCon (also kxk convs: ``lora_down`` takes the kernel,
-``lora_up`` is 1x1), with kohya's keys ``lora_down.weight`` / ``lora_up.weight`` / ``alpha``.
+``lora_up`` is 1x1), with kohya's keys ``lora_down.weight`` / ``lora_up.weight`` / ``alpha``. With ``use_tucker`` a
+kxk conv is split LyCORIS-style into a 1x1 ``lora_down``, a kxk ``lora_mid`` (dim → dim) and a 1x1 ``lora_up``.
+
+Dropouts follow sd-scripts' ``networks.lora``: ``dropout`` drops elements of the down projection's output,
+``rank_dropout`` drops whole ranks per sample and rescales by 1/(1-p).
 """
 
 from __future__ import annotations
@@ -9,35 +13,80 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from lycolab.networks.base import AdapterModule, layer_shape
+from lycolab.networks.base import AdapterModule, file_alpha, layer_shape, new_parameter
 
 
 class LoRAModule(AdapterModule):
     algo = "lora"
 
-    def __init__(self, lora_name: str, org_module: nn.Module, dim: int, alpha: float | None, multiplier: float = 1.0):
-        super().__init__(lora_name, org_module, dim, alpha, multiplier)
+    def __init__(self, lora_name: str, org_module: nn.Module, dim: int, alpha: float | None, multiplier: float = 1.0,
+                 dropout: float = 0.0, rank_dropout: float = 0.0, module_dropout: float = 0.0,
+                 use_tucker: bool = False, **unused):
+        super().__init__(lora_name, org_module, dim, alpha, multiplier, dropout, rank_dropout, module_dropout)
         out_dim, in_dim, kernel = layer_shape(org_module)
-        if self.is_conv:
-            self.lora_down = nn.Conv2d(
-                in_dim, self.dim, kernel, org_module.stride, org_module.padding, org_module.dilation, bias=False
-            )
-            self.lora_up = nn.Conv2d(self.dim, out_dim, (1, 1), bias=False)
-        else:
+        self.tucker = bool(use_tucker and self.is_conv and kernel != (1, 1))
+        if not self.is_conv:
             self.lora_down = nn.Linear(in_dim, self.dim, bias=False)
             self.lora_up = nn.Linear(self.dim, out_dim, bias=False)
-        # As kohya and LyCORIS: down random (kaiming uniform), up zero, so training starts from the base model.
+        else:
+            stride, padding, dilation = org_module.stride, org_module.padding, org_module.dilation
+            if self.tucker:
+                self.lora_down = nn.Conv2d(in_dim, self.dim, (1, 1), bias=False)
+                self.lora_mid = nn.Conv2d(self.dim, self.dim, kernel, stride, padding, dilation, bias=False)
+            else:
+                self.lora_down = nn.Conv2d(in_dim, self.dim, kernel, stride, padding, dilation, bias=False)
+            self.lora_up = nn.Conv2d(self.dim, out_dim, (1, 1), bias=False)
+        # As kohya and LyCORIS: down (and mid) kaiming-uniform, up zero, so training starts from the base model.
         nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
+        if self.tucker:
+            nn.init.kaiming_uniform_(self.lora_mid.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_up.weight)
+
+    @classmethod
+    def from_weights(cls, lora_name: str, org_module: nn.Module, weights: dict[str, torch.Tensor],
+                     multiplier: float = 1.0) -> LoRAModule:
+        """Rebuild from a file's tensors; 2-D and 1x1 4-D forms are accepted for Linear and 1x1 conv alike."""
+        tucker = "lora_mid.weight" in weights
+        module = cls(lora_name, org_module, weights["lora_down.weight"].shape[0], file_alpha(weights), multiplier,
+                     use_tucker=tucker)
+        for key in ("lora_down.weight", "lora_up.weight") + (("lora_mid.weight",) if tucker else ()):
+            target = module.get_parameter(key)
+            tensor = weights[key]
+            if tensor.numel() == target.numel() and tensor.dim() != target.dim():
+                tensor = tensor.reshape(target.shape)  # a Linear LoRA on a 1x1 conv (SD 2 vs 1) or the reverse
+            target.data = new_parameter(tensor).data
+        module.check_shape()
+        return module
 
     def delta_weight(self) -> torch.Tensor:
         up = self.lora_up.weight.flatten(1)
+        if self.tucker:
+            # ΔW[o, i, k] = Σ up[o, a] · mid[a, b, k] · down[b, i]
+            delta = torch.einsum("oa,abhw,bi->oihw", up, self.lora_mid.weight, self.lora_down.weight.flatten(1))
+            return delta * self.scale
         down = self.lora_down.weight.flatten(1)
-        return (up @ down).reshape(self.org_module.weight.shape) * self.scale
+        return (up @ down).reshape(self.weight_shape) * self.scale
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        base = self._org_forward(x)
-        side = self.lora_up(self.lora_down(x.to(self.lora_down.weight.dtype)))
-        return base + (side * (self.multiplier * self.scale)).to(base.dtype)
+    def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = self.original_forward(x)
+        hidden = self.lora_down(x.to(self.lora_down.weight.dtype))
+        if self.tucker:
+            hidden = self.lora_mid(hidden)
+        scale = self.multiplier * self.scale
+        if self.training:
+            if self.dropout:
+                hidden = F.dropout(hidden, p=self.dropout)
+            if self.rank_dropout:
+                hidden = hidden * self._rank_mask(hidden)
+                scale /= 1.0 - self.rank_dropout
+        return base + (self.lora_up(hidden) * scale).to(base.dtype)
+
+    def _rank_mask(self, hidden: torch.Tensor) -> torch.Tensor:
+        """One keep/drop draw per (sample, rank), shaped to broadcast over tokens or pixels."""
+        mask = (torch.rand(hidden.shape[0], self.dim, device=hidden.device) > self.rank_dropout).to(hidden.dtype)
+        if self.is_conv:
+            return mask[:, :, None, None]
+        return mask.view(hidden.shape[0], *([1] * (hidden.dim() - 2)), self.dim)

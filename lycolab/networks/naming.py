@@ -14,6 +14,9 @@ UNET_PREFIX = "lora_unet"
 TEXT_ENCODER_PREFIX = "lora_te"
 UNET_ATTENTION_BLOCKS = ("Transformer2DModel",)
 UNET_CONV_BLOCKS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
+# LyCORIS' default "full" preset also adapts the time embedding MLP and the first and last convs.
+LYCORIS_EXTRA_BLOCKS = ("TimestepEmbedding",)
+LYCORIS_EXTRA_NAMES = ("conv_in", "conv_out")
 TEXT_ENCODER_BLOCKS = ("CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttention2", "CLIPMLP")
 
 
@@ -48,24 +51,37 @@ def canonical_named_modules(root: nn.Module):
         yield (prefix + path if path else path), module
 
 
-def find_targets(root: nn.Module, prefix: str, block_types: tuple[str, ...]) -> list[TargetModule]:
-    """Linear and Conv2d layers inside blocks of the given class names, in module order, without duplicates."""
+def find_targets(root: nn.Module, prefix: str, block_types: tuple[str, ...], names: tuple[str, ...] = ()
+                 ) -> list[TargetModule]:
+    """Linear and Conv2d layers inside blocks of the given class names, or at the given paths, without duplicates."""
     found: dict[str, TargetModule] = {}
     for block_path, block in canonical_named_modules(root):
+        if block_path in names:
+            _add_target(found, prefix, block_path, block)
         if type(block).__name__ not in block_types:
             continue
         for child_path, child in block.named_modules():
-            if not isinstance(child, (nn.Linear, nn.Conv2d)):
-                continue
-            path = f"{block_path}.{child_path}" if block_path else child_path
-            name = lora_name(prefix, path)
-            is_kxk = isinstance(child, nn.Conv2d) and tuple(child.kernel_size) != (1, 1)
-            found.setdefault(name, TargetModule(name, child, is_kxk))
+            _add_target(found, prefix, f"{block_path}.{child_path}" if block_path else child_path, child)
     return list(found.values())
 
 
-def unet_targets(unet: nn.Module, include_conv_blocks: bool) -> list[TargetModule]:
-    """U-Net attention blocks always; ResNet/down/up-sample blocks when a conv rank is set (LoCon-style)."""
+def _add_target(found: dict[str, TargetModule], prefix: str, path: str, module: nn.Module) -> None:
+    if isinstance(module, (nn.Linear, nn.Conv2d)):
+        name = lora_name(prefix, path)
+        is_kxk = isinstance(module, nn.Conv2d) and tuple(module.kernel_size) != (1, 1)
+        found.setdefault(name, TargetModule(name, module, is_kxk))
+
+
+def unet_targets(unet: nn.Module, include_conv_blocks: bool, lycoris_preset: bool = False) -> list[TargetModule]:
+    """The U-Net layers an adapter wraps.
+
+    kohya's ``networks.lora``: attention blocks, plus ResNet/down/up-sample blocks when a conv rank is set.
+    LyCORIS (``lycoris.kohya``, preset "full"): all of those plus the time embedding, ``conv_in`` and ``conv_out``;
+    which of them get an adapter then depends on the conv rank (kxk convs need ``conv_dim > 0``).
+    """
+    if lycoris_preset:
+        blocks = UNET_ATTENTION_BLOCKS + UNET_CONV_BLOCKS + LYCORIS_EXTRA_BLOCKS
+        return find_targets(unet, UNET_PREFIX, blocks, LYCORIS_EXTRA_NAMES)
     blocks = UNET_ATTENTION_BLOCKS + (UNET_CONV_BLOCKS if include_conv_blocks else ())
     return find_targets(unet, UNET_PREFIX, blocks)
 
@@ -76,12 +92,3 @@ def text_encoder_targets(text_encoders: list[nn.Module]) -> list[TargetModule]:
     for index, encoder in enumerate(text_encoders):
         targets += find_targets(encoder, text_encoder_prefix(index, len(text_encoders)), TEXT_ENCODER_BLOCKS)
     return targets
-
-
-def all_targets(unet: nn.Module | None, text_encoders: list[nn.Module], include_conv_blocks: bool = True) -> dict[
-    str, TargetModule
-]:
-    """Every module a file could name, for matching loaded keys to layers."""
-    targets = unet_targets(unet, include_conv_blocks) if unet is not None else []
-    targets += text_encoder_targets(text_encoders)
-    return {target.lora_name: target for target in targets}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -11,10 +12,21 @@ from torch import nn
 
 from lycolab.networks.base import AdapterModule
 from lycolab.networks.loha import LoHaModule
+from lycolab.networks.lokr import LoKrModule
 from lycolab.networks.lora import LoRAModule
 from lycolab.networks.naming import TEXT_ENCODER_PREFIX, UNET_PREFIX, text_encoder_targets, unet_targets
 
-ALGORITHM_MODULES: dict[str, type[AdapterModule]] = {"lora": LoRAModule, "locon": LoRAModule, "loha": LoHaModule}
+logger = logging.getLogger(__name__)
+
+ALGORITHM_MODULES: dict[str, type[AdapterModule]] = {
+    "lora": LoRAModule, "locon": LoRAModule, "loha": LoHaModule, "lokr": LoKrModule,
+}
+NETWORK_MODULES = ("networks.lora", "lycoris.kohya")
+# LyCORIS network_args beyond dim/alpha that change how modules are built, with their defaults.
+ALGORITHM_OPTIONS: dict[str, Any] = {
+    "use_tucker": False, "factor": -1, "decompose_both": False, "full_matrix": False,
+    "unbalanced_factorization": False, "rank_dropout_scale": False,
+}
 
 
 class AdapterNetwork(nn.Module):
@@ -62,18 +74,31 @@ class AdapterNetwork(nn.Module):
                 groups.append({"params": params, "lr": default_lr if lr is None else lr})
         return groups
 
+    def network_args(self) -> dict[str, str]:
+        """``network_args`` that rebuild this network in sd-scripts (``networks.lora``) or LyCORIS."""
+        hp = self.hyperparameters
+        args = {key: str(hp[key]) for key in ("conv_dim", "conv_alpha") if hp.get("conv_dim")}
+        args.update({key: str(hp[key]) for key in ("rank_dropout", "module_dropout") if hp.get(key)})
+        if self.network_module == "lycoris.kohya":
+            args = {"algo": self.algo, **args}
+            if hp.get("dropout"):
+                args["dropout"] = str(hp["dropout"])
+            args.update({key: str(hp[key]) for key, default in ALGORITHM_OPTIONS.items()
+                         if key in hp and hp[key] != default})
+        return args
+
     def network_metadata(self) -> dict[str, str]:
         """The ``ss_network_*`` keys that tell A1111/ComfyUI/sd-scripts how to rebuild this network."""
         hp = self.hyperparameters
-        args = {key: str(value) for key, value in hp.items() if key in ("conv_dim", "conv_alpha") and value}
-        if self.network_module == "lycoris.kohya":
-            args = {"algo": self.algo, **args}
-        return {
+        metadata = {
             "ss_network_module": self.network_module,
             "ss_network_dim": str(hp["dim"]),
             "ss_network_alpha": str(hp["alpha"]),
-            "ss_network_args": json.dumps(args),
+            "ss_network_args": json.dumps(self.network_args()),
         }
+        if self.network_module == "networks.lora" and hp.get("dropout"):
+            metadata["ss_network_dropout"] = str(hp["dropout"])
+        return metadata
 
     def save_weights(self, path: str | Path, dtype: torch.dtype | None = None, metadata: dict[str, str] | None = None
                      ) -> Path:
@@ -83,9 +108,9 @@ class AdapterNetwork(nn.Module):
         return save_adapter_file(self.state_dict(), path, {**self.network_metadata(), **(metadata or {})}, dtype)
 
 
-def _default_network_module(algo: str) -> str:
-    """LoRA/LoCon files are plain kohya files; LoHa needs LyCORIS to load in sd-scripts and A1111."""
-    return "lycoris.kohya" if algo == "loha" else "networks.lora"
+def default_network_module(algo: str) -> str:
+    """Plain LoRA is a kohya ``networks.lora`` file; every other algorithm is built the LyCORIS way."""
+    return "networks.lora" if algo == "lora" else "lycoris.kohya"
 
 
 def create_network(
@@ -98,31 +123,57 @@ def create_network(
     conv_alpha: float | None = None,
     multiplier: float = 1.0,
     network_module: str | None = None,
+    dropout: float = 0.0,
+    rank_dropout: float = 0.0,
+    module_dropout: float = 0.0,
+    **algorithm_options: Any,
 ) -> AdapterNetwork:
     """Wrap the U-Net (and text encoders, when given) in place and return the trainable adapter network.
 
-    ``conv_dim`` enables kxk convs (LoCon-style). Like LyCORIS, ``locon``/``loha`` default it to ``dim`` and
-    ``conv_alpha`` to ``alpha``; plain ``lora`` keeps convs off unless ``conv_dim`` is given, like kohya.
+    ``network_module`` picks the layer set: ``networks.lora`` (sd-scripts: attention blocks, plus ResNet and
+    sampler convs when ``conv_dim`` > 0) or ``lycoris.kohya`` (LyCORIS' "full" preset, which also covers the time
+    embedding, ``conv_in`` and ``conv_out``). Like LyCORIS, ``lycoris.kohya`` defaults ``conv_dim`` to ``dim`` and
+    ``conv_alpha`` to ``alpha``; ``networks.lora`` keeps kxk convs off unless ``conv_dim`` is given, like sd-scripts.
+    ``algorithm_options`` are LyCORIS' ``use_tucker``, ``factor``, ``decompose_both``, ``full_matrix``,
+    ``unbalanced_factorization`` and ``rank_dropout_scale``.
     """
-    if algo not in ALGORITHM_MODULES:
-        raise ValueError(f"unknown algo {algo!r}; choose one of {', '.join(ALGORITHM_MODULES)}")
-    if dim < 1:
-        raise ValueError(f"network dim must be at least 1, got {dim}")
+    network_module = network_module or default_network_module(algo)
+    _check_arguments(algo, dim, network_module, dropout, algorithm_options)
+    is_lycoris = network_module == "lycoris.kohya"
     if conv_dim is None:
-        conv_dim = 0 if algo == "lora" else dim
+        conv_dim = dim if is_lycoris else 0
     if conv_alpha is None:
         conv_alpha = alpha
+    options = {**ALGORITHM_OPTIONS, **algorithm_options}
     module_class = ALGORITHM_MODULES[algo]
-    targets = (unet_targets(unet, conv_dim > 0) if unet is not None else []) + text_encoder_targets(text_encoders or [])
+    targets = (unet_targets(unet, conv_dim > 0, is_lycoris) if unet is not None else [])
+    targets += text_encoder_targets(text_encoders or [])
     adapters = []
     for target in targets:
-        if target.is_conv_kxk:
-            if conv_dim <= 0:
-                continue
-            adapters.append(module_class(target.lora_name, target.module, conv_dim, conv_alpha, multiplier))
-        else:
-            adapters.append(module_class(target.lora_name, target.module, dim, alpha, multiplier))
-    hyperparameters = {"dim": dim, "alpha": alpha if alpha else dim, "conv_dim": conv_dim, "conv_alpha": conv_alpha}
-    network = AdapterNetwork(adapters, algo, network_module or _default_network_module(algo), hyperparameters)
+        if target.is_conv_kxk and conv_dim <= 0:
+            continue
+        rank, rank_alpha = (conv_dim, conv_alpha) if target.is_conv_kxk else (dim, alpha)
+        adapters.append(module_class(target.lora_name, target.module, rank, rank_alpha, multiplier, dropout,
+                                     rank_dropout, module_dropout, **options))
+    hyperparameters = {"dim": dim, "alpha": alpha if alpha else dim, "conv_dim": conv_dim, "conv_alpha": conv_alpha,
+                       "dropout": dropout, "rank_dropout": rank_dropout, "module_dropout": module_dropout, **options}
+    network = AdapterNetwork(adapters, algo, network_module, hyperparameters)
     network.apply_to()
     return network
+
+
+def _check_arguments(algo: str, dim: int, network_module: str, dropout: float, options: dict[str, Any]) -> None:
+    if algo not in ALGORITHM_MODULES:
+        raise ValueError(f"unknown algo {algo!r}; choose one of {', '.join(ALGORITHM_MODULES)}")
+    if network_module not in NETWORK_MODULES:
+        raise ValueError(f"unknown network_module {network_module!r}; choose one of {', '.join(NETWORK_MODULES)}")
+    if network_module == "networks.lora" and algo not in ("lora", "locon"):
+        raise ValueError(f"algo {algo} needs network_module lycoris.kohya (networks.lora only makes LoRA/LoCon)")
+    if dim < 1:
+        raise ValueError(f"network dim must be at least 1, got {dim}")
+    unknown = sorted(set(options) - set(ALGORITHM_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown network option(s) {', '.join(unknown)}; known: {', '.join(ALGORITHM_OPTIONS)}")
+    if dropout and algo in ("loha", "lokr"):
+        logger.warning("dropout is not used by %s (as in LyCORIS); use rank_dropout or module_dropout", algo)
+

@@ -1,0 +1,120 @@
+"""LoKr: ΔW = w1 ⊗ w2 (Kronecker product), each side a full matrix or a low-rank pair, as LyCORIS defines it.
+
+The layer's out/in sizes are split as out = a·c and in = b·d (:func:`factorization`, closest to ``factor`` or
+balanced when -1). ``lokr_w1`` (a, b) is the small side, full unless ``decompose_both`` makes it ``lokr_w1_a`` ·
+``lokr_w1_b``; ``lokr_w2`` (c, d[, k, k]) is the big side, a low-rank pair ``lokr_w2_a`` (c, dim) · ``lokr_w2_b``
+(dim, d·k·k) unless dim is at least half its size (then full, like LyCORIS). ``use_tucker`` keeps a kxk kernel in a
+core ``lokr_t2``. Initialisation as LyCORIS: w2_b (or full w2) zero, everything else kaiming-uniform; when both sides
+are full, alpha is ignored (scale 1).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from lycolab.networks.base import MergedWeightAdapter, file_alpha, layer_shape, load_factors
+
+
+def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
+    """(m, n) with m·n = dimension and m ≤ n: m = factor when it divides, else the most balanced split with m ≤ factor.
+
+    Same results as LyCORIS, e.g. 128 → (8, 16) and 360 → (18, 20) for -1, 360 → (15, 24) for 16, 127 → (1, 127).
+    """
+    if factor > 0 and dimension % factor == 0:
+        small, large = sorted((factor, dimension // factor))
+        return small, large
+    limit = dimension if factor < 0 else factor
+    best = (1, dimension)
+    candidate = 1
+    while best[0] < best[1]:
+        candidate += 1
+        while dimension % candidate:
+            candidate += 1
+        pair = (candidate, dimension // candidate)
+        if sum(pair) > sum(best) or candidate > limit:
+            break
+        best = pair
+    return tuple(sorted(best))
+
+
+class LoKrModule(MergedWeightAdapter):
+    algo = "lokr"
+
+    def __init__(self, lora_name: str, org_module: nn.Module, dim: int, alpha: float | None, multiplier: float = 1.0,
+                 dropout: float = 0.0, rank_dropout: float = 0.0, module_dropout: float = 0.0,
+                 use_tucker: bool = False, factor: int = -1, decompose_both: bool = False, full_matrix: bool = False,
+                 unbalanced_factorization: bool = False, rank_dropout_scale: bool = False, **unused):
+        out_dim, in_dim, kernel = layer_shape(org_module)
+        out_small, out_large = factorization(out_dim, int(factor))
+        if unbalanced_factorization:
+            out_small, out_large = out_large, out_small
+        in_small, in_large = factorization(in_dim, int(factor))
+        w1_full = not (decompose_both and dim < max(out_small, in_small) / 2 and not full_matrix)
+        w2_full = full_matrix or dim >= max(out_large, in_large) / 2
+        if w1_full and w2_full:
+            alpha = dim  # LyCORIS: nothing is low-rank, so no alpha scaling
+        super().__init__(lora_name, org_module, dim, alpha, multiplier, 0.0, rank_dropout, module_dropout,
+                         rank_dropout_scale)
+        self.tucker = bool(use_tucker and kernel and kernel != (1, 1) and not w2_full)
+        rank = self.dim
+        if w1_full:
+            self.lokr_w1 = nn.Parameter(torch.empty(out_small, in_small))
+        else:
+            self.lokr_w1_a = nn.Parameter(torch.empty(out_small, rank))
+            self.lokr_w1_b = nn.Parameter(torch.empty(rank, in_small))
+        if w2_full:
+            self.lokr_w2 = nn.Parameter(torch.zeros(out_large, in_large, *kernel))
+        elif self.tucker:
+            self.lokr_t2 = nn.Parameter(torch.empty(rank, rank, *kernel))
+            self.lokr_w2_a = nn.Parameter(torch.empty(rank, out_large))
+            self.lokr_w2_b = nn.Parameter(torch.zeros(rank, in_large))
+            nn.init.kaiming_uniform_(self.lokr_t2, a=math.sqrt(5))
+        else:
+            self.lokr_w2_a = nn.Parameter(torch.empty(out_large, rank))
+            self.lokr_w2_b = nn.Parameter(torch.zeros(rank, in_large * math.prod(kernel)))
+        if not w2_full:
+            nn.init.kaiming_uniform_(self.lokr_w2_a, a=math.sqrt(5))
+        for name in ("lokr_w1",) if w1_full else ("lokr_w1_a", "lokr_w1_b"):
+            nn.init.kaiming_uniform_(getattr(self, name), a=math.sqrt(5))
+
+    @classmethod
+    def from_weights(cls, lora_name: str, org_module: nn.Module, weights: dict[str, torch.Tensor],
+                     multiplier: float = 1.0) -> LoKrModule:
+        """Shapes come from the file, so any factor / decompose / tucker choice of the writer loads."""
+        if "lokr_w1_a" in weights:
+            rank = weights["lokr_w1_a"].shape[1]
+        elif "lokr_w2_a" in weights:
+            rank = weights["lokr_w2_a"].shape[1] if "lokr_t2" not in weights else weights["lokr_w2_a"].shape[0]
+        else:
+            rank = 1
+        names = [name for name in LOKR_KEYS if name in weights]
+        alpha = file_alpha(weights)
+        if "lokr_w1" in weights and "lokr_w2" in weights:
+            alpha = rank  # both sides full: scale 1 whatever the file says, as LyCORIS
+        module = cls.__new__(cls)
+        MergedWeightAdapter.__init__(module, lora_name, org_module, rank, alpha, multiplier)
+        module.tucker = "lokr_t2" in weights
+        load_factors(module, weights, names)
+        module.check_shape()
+        return module
+
+    def factors(self) -> list[torch.Tensor]:
+        return [getattr(self, name) for name in LOKR_KEYS if name in self._parameters]
+
+    def make_delta(self, *factors: torch.Tensor) -> torch.Tensor:
+        named = dict(zip((name for name in LOKR_KEYS if name in self._parameters), factors, strict=True))
+        w1 = named["lokr_w1"] if "lokr_w1" in named else named["lokr_w1_a"] @ named["lokr_w1_b"]
+        if "lokr_w2" in named:
+            w2 = named["lokr_w2"]
+        elif self.tucker:
+            w2 = torch.einsum("ij...,ip,jr->pr...", named["lokr_t2"], named["lokr_w2_a"], named["lokr_w2_b"])
+        else:
+            w2 = named["lokr_w2_a"] @ named["lokr_w2_b"]
+        w1 = (w1 * self.scale).reshape(*w1.shape, *([1] * (w2.dim() - 2)))
+        return torch.kron(w1, w2.contiguous()).reshape(self.weight_shape)
+
+
+LOKR_KEYS = ["lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"]
