@@ -34,7 +34,6 @@ ALGORITHMS = {
     "lokr": ("lycoris.kohya", True, True),
 }
 LINEAR_RANK, LINEAR_ALPHA, CONV_RANK, CONV_ALPHA = 16, 8.0, 8, 4.0
-TABLE_START, TABLE_END = "<!-- bench/networks.py start -->", "<!-- bench/networks.py end -->"
 
 
 def build_unet(device: str, dtype: torch.dtype):
@@ -198,13 +197,15 @@ def describe_machine(args: argparse.Namespace) -> str:
             f"{args.warmup} warm-up")
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace this benchmark's section of the results file (kept between markers), or append it."""
+def write_section(path: Path, section: str, args: argparse.Namespace) -> None:
+    """Replace this workload's section of the results file (kept between markers), or append it."""
+    workload = f"{args.device} {args.resolution}px batch {args.batch} {args.dtype}"
+    start, end = f"<!-- bench/networks.py {workload} -->", f"<!-- end bench/networks.py {workload} -->"
     text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    block = f"{TABLE_START}\n{section}\n{TABLE_END}"
-    if TABLE_START in text and TABLE_END in text:
-        head, _, rest = text.partition(TABLE_START)
-        text = head + block + rest.partition(TABLE_END)[2]
+    block = f"{start}\n{section}\n{end}"
+    if start in text and end in text:
+        head, _, rest = text.partition(start)
+        text = head + block + rest.partition(end)[2]
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
     path.write_text(text, encoding="utf-8")
@@ -236,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
                "Reproduce: `" + " ".join(["python bench/networks.py", *sys.argv[1:]]) + "`")
     print(section)
     if args.write:
-        write_section(args.write, section)
+        write_section(args.write, section, args)
 
 
 if __name__ == "__main__":

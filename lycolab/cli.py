@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="zero-download end-to-end run on the embedded tiny model")
     demo.add_argument("--out", required=True, help="folder for the model, data, config, output and logs")
-    demo.add_argument("--algo", default="loha", choices=("loha", "locon", "lora"))
+    demo.add_argument("--algo", default="loha", choices=("loha", "locon", "lora", "lokr"))
     demo.add_argument("--epochs", type=int, default=4)
     train = commands.add_parser("train", help="kohya-compatible training from config_file.toml")
     train.add_argument("--config_file", required=True)

@@ -33,7 +33,7 @@ SAVE_PRECISIONS = ("float", "fp16", "bf16")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 MAX_TOKEN_LENGTHS = (75, 150, 225)
 NETWORK_MODULES = ("networks.lora", "lycoris.kohya")
-ALGORITHMS = ("lora", "locon", "loha")
+ALGORITHMS = ("lora", "locon", "loha", "lokr")
 
 
 class ConfigError(ValueError):
@@ -547,13 +547,16 @@ def validate_config(config: TrainConfig, source: str) -> None:
     algo = network_args.get("algo", "lora")
     _require(algo in ALGORITHMS, source,
              f"network_args algo must be one of {', '.join(ALGORITHMS)} (got {algo!r})")
-    for key in ("conv_dim", "conv_alpha"):
-        if key in network_args:
-            try:
-                number = float(network_args[key])
-            except ValueError:
-                number = -1.0
-            _require(number >= 0, source, f"network_args {key} must be a number >= 0 (got {network_args[key]!r})")
+    from lycolab.networks.args import NetworkArgsError, network_kwargs, unknown_network_args
+
+    try:
+        network_kwargs(config.network_module, config.network_dim, config.network_alpha, network_args,
+                       config.network_dropout)
+    except NetworkArgsError as error:
+        raise ConfigError(f"{source}: {error}") from None
+    unknown = unknown_network_args(config.network_module, network_args)
+    if unknown:
+        logger.warning("%s: network_args not used by %s: %s", source, config.network_module, ", ".join(unknown))
     if config.noise_offset is not None:
         _require(config.noise_offset >= 0, source, f"noise_offset must be >= 0 (got {config.noise_offset})")
 

@@ -30,6 +30,7 @@ ALGO_NETWORKS = {
     "lora": ("networks.lora", []),
     "locon": ("networks.lora", ["conv_dim=4", "conv_alpha=2"]),
     "loha": ("lycoris.kohya", ["algo=loha", "conv_dim=4", "conv_alpha=2"]),
+    "lokr": ("lycoris.kohya", ["algo=lokr", "conv_dim=4", "conv_alpha=2"]),
 }
 
 

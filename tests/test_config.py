@@ -129,6 +129,11 @@ def _dataset_file(tmp_path):
         ({"max_token_length": 100}, "max_token_length must be 75, 150 or 225"),
         ({"network_args": ["algo=ia3"]}, "algo must be one of"),
         ({"network_args": ["conv_dim"]}, "must look like"),
+        ({"network_module": "lycoris.kohya", "network_args": ["algo=lokr", "decompose_both=maybe"]},
+         "decompose_both must be true or false"),
+        ({"network_args": ["rank_dropout=1.5"]}, "rank_dropout must be in [0, 1)"),
+        ({"network_module": "lycoris.kohya", "network_args": ["factor=x"]}, "factor must be a number"),
+        ({"network_module": "lycoris.kohya", "network_args": ["preset=attn-only"]}, "preset 'attn-only' is not"),
     ],
 )
 def test_bad_config_value_names_key_and_file(tmp_path, overrides, expected):
@@ -184,3 +189,24 @@ def test_every_train_key_has_a_section_for_writing():
     written = {key for keys in CONFIG_SECTIONS.values() for key in keys}
     assert set(TRAIN_KEYS) == written
     assert [f.name for f in dataclasses.fields(TrainConfig)][-1] == "datasets"
+
+
+def test_network_args_become_create_network_arguments():
+    from lycolab.networks.args import network_kwargs
+
+    kwargs = network_kwargs("lycoris.kohya", 16, 8.0, {
+        "algo": "LoKr", "conv_dim": "8", "conv_alpha": "4", "factor": "8", "decompose_both": "False",
+        "use_conv_cp": "True", "rank_dropout": "0.1", "module_dropout": "0.05"}, network_dropout=0.2)
+    assert kwargs == {"algo": "lokr", "dim": 16, "alpha": 8.0, "network_module": "lycoris.kohya", "conv_dim": 8,
+                      "conv_alpha": 4.0, "rank_dropout": 0.1, "module_dropout": 0.05, "dropout": 0.2, "factor": 8,
+                      "decompose_both": False, "use_tucker": True}
+    # sd-scripts' networks.lora makes LoRA/LoCon only, whatever algo says
+    assert network_kwargs("networks.lora", None, 1.0, {"conv_dim": "4"})["algo"] == "lora"
+
+
+def test_unknown_network_args_get_one_warning(tmp_path, caplog):
+    config_path = _write_toml(tmp_path / "config_file.toml", {"a": {
+        "output_dir": "o", "network_module": "networks.lora", "network_args": ["conv_dim=4", "factor=4", "lr_x=1"]}})
+    load_config(config_path, _dataset_file(tmp_path))
+    warnings = [record.getMessage() for record in caplog.records if "network_args" in record.getMessage()]
+    assert len(warnings) == 1 and warnings[0].endswith("network_args not used by networks.lora: factor, lr_x")

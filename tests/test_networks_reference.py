@@ -10,7 +10,7 @@ from lycoris.modules.loha import LohaModule
 from lycoris.modules.lokr import LokrModule
 from torch import nn
 
-from lycolab.networks.loha import LoHaModule
+from lycolab.networks.loha import FactoredHadamardFunction, LoHaModule
 from lycolab.networks.lokr import LoKrModule
 from lycolab.networks.lora import LoRAModule
 from lycolab.networks.merged_weight import merged_weight_forward
@@ -125,19 +125,47 @@ def test_merged_weight_gradients_pass_gradcheck(case):
     assert torch.autograd.gradcheck(run, (x, *factors), eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("case", ["loha-conv3x3", "lokr-linear", "loha-tucker", "lokr-tucker"])
-def test_merged_weight_gradients_equal_plain_formula(case):
+@pytest.mark.parametrize("layer", [nn.Linear(8, 12), nn.Conv2d(4, 6, 3, stride=2, padding=1)], ids=["linear", "conv"])
+def test_factored_loha_gradients_pass_gradcheck(layer):
+    layer = layer.double().requires_grad_(False)
+    ours = LoHaModule("m", layer, 2, 1.5).double()
+    _randomize(ours)
+    factors = [factor.detach().clone().requires_grad_() for factor in ours.factors()]
+    shape = (1, 4, 5, 5) if ours.is_conv else (1, 3, 8)
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    row_factor = 0.7 * (torch.arange(layer.weight.shape[0]) % 3 != 0).double()
+
+    def run(x, *factors):
+        return FactoredHadamardFunction.apply(x, layer, row_factor, *factors)
+
+    assert torch.autograd.gradcheck(run, (x, *factors), eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+LOHA_PATHS = {"merged": False, "factored": True}
+
+
+@pytest.mark.parametrize(("case", "loha_path"), [
+    ("loha-linear", "merged"), ("loha-linear", "factored"), ("loha-conv3x3", "merged"),
+    ("loha-conv3x3", "factored"), ("loha-tucker", "merged"), ("lokr-linear", None), ("lokr-conv3x3", None),
+    ("lokr-tucker", None), ("lokr-decompose-both", None),
+])
+def test_fast_paths_give_the_plain_formulas_outputs_and_gradients(case, loha_path, monkeypatch):
+    if loha_path is not None:
+        monkeypatch.setattr(LoHaModule, "_factored_is_cheaper", lambda self, x: LOHA_PATHS[loha_path])
     ours, _ = _pair(case)
     _randomize(ours)
+    ours.multiplier = 0.8
     x = _input_for(ours.org_module).requires_grad_()
     ours.apply_to()
-    ours.org_module(x).square().sum().backward()
+    fast_output = ours.org_module(x)
+    fast_output.square().sum().backward()
     fast = [x.grad] + [factor.grad for factor in ours.factors()]
     x.grad = None
     for factor in ours.factors():
         factor.grad = None
-    weight = ours.org_module.weight + ours.delta_weight()
-    ours.frozen_forward(x, weight).square().sum().backward()
+    plain_output = ours.frozen_forward(x, ours.org_module.weight + 0.8 * ours.delta_weight())
+    plain_output.square().sum().backward()
     plain = [x.grad] + [factor.grad for factor in ours.factors()]
+    torch.testing.assert_close(fast_output, plain_output, rtol=1e-5, atol=1e-5)
     for got, expected in zip(fast, plain, strict=True):
-        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)

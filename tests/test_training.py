@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 
 from lycolab.config import load_config
@@ -44,13 +45,17 @@ def _fixed_batch_loss(parts, images_dir):
         return torch.nn.functional.mse_loss(prediction, noise).item()
 
 
-def test_training_lowers_the_loss_on_a_fixed_batch(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize(("network_args", "learning_rate"), [
+    (["algo=loha", "conv_dim=4", "conv_alpha=4"], 2e-3),
+    (["algo=lokr", "conv_dim=4", "conv_alpha=4", "factor=4", "rank_dropout=0.1", "module_dropout=0.05"], 4e-3),
+], ids=["loha", "lokr-with-dropouts"])
+def test_training_lowers_the_loss_on_a_fixed_batch(tiny_model_dir, tmp_path, network_args, learning_rate):
     images_dir = _make_dataset(tmp_path / "train")
     config = load_config(overrides={
         "pretrained_model_name_or_path": str(tiny_model_dir), "train_data_dir": str(tmp_path / "train"),
         "resolution": "64", "caption_extension": ".txt", "network_module": "lycoris.kohya",
-        "network_args": ["algo=loha", "conv_dim=4", "conv_alpha=4"], "network_dim": 8, "network_alpha": 8,
-        "learning_rate": 2e-3, "max_train_epochs": 4, "train_batch_size": 4, "seed": 0, "cache_latents": True,
+        "network_args": network_args, "network_dim": 8, "network_alpha": 8,
+        "learning_rate": learning_rate, "max_train_epochs": 4, "train_batch_size": 4, "seed": 0, "cache_latents": True,
         "output_dir": str(tmp_path / "out"), "output_name": "fixed", "save_every_n_epochs": 2,
         "save_precision": "float", "network_train_unet_only": True,
     })

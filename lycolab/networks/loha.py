@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lycolab.networks.base import MergedWeightAdapter, file_alpha, layer_shape, load_factors, output_tokens
-from lycolab.networks.merged_weight import WORKSPACE, WeightGradient
+from lycolab.networks.merged_weight import WORKSPACE, WeightGradient, compute_dtype, layer_backward, layer_forward
 
 # Rows of ΔW are built this many elements at a time, so the products stay in cache instead of making full-size
 # round trips to memory (the step is memory-bound on CPU); on a GPU whole matrices are fine.
@@ -93,23 +93,10 @@ class LoHaModule(MergedWeightAdapter):
         return factored < merged
 
     def _factored_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """ΔW = A · B with A[o, (i, j)] = w1a[o, i]·w2a[o, j] and B[(i, j), k] = w1b[i, k]·w2b[j, k]: run x through
-        B (dim² channels) then A, beside the frozen layer; autograd keeps only x, the dim² activations and A, B."""
         base = self.original_forward(x)
-        rank_sq = self.dim**2
-        out_dim = self.weight_shape[0]
         row_factor = self.row_scale(x.device) * self.scale
-        mix = (self.hada_w1_a[:, :, None] * self.hada_w2_a[:, None, :]).reshape(out_dim, rank_sq)
-        mix = mix * row_factor.to(mix.dtype)[:, None]
-        basis = (self.hada_w1_b[:, None, :] * self.hada_w2_b[None, :, :]).reshape(rank_sq, -1)
-        x = x.to(basis.dtype)
-        layer = self.org_module
-        if self.is_conv:
-            hidden = F.conv2d(x, basis.view(rank_sq, *self.weight_shape[1:]), None, layer.stride, layer.padding,
-                              layer.dilation)
-            delta = F.conv2d(hidden, mix[:, :, None, None])
-        else:
-            delta = F.linear(F.linear(x, basis), mix)
+        delta = FactoredHadamardFunction.apply(x, self.org_module, row_factor,
+                                               self.hada_w1_a, self.hada_w1_b, self.hada_w2_a, self.hada_w2_b)
         return base + delta.to(base.dtype)
 
     def merged_weight(self, weight: torch.Tensor, factors: list[torch.Tensor], row_scale: torch.Tensor,
@@ -178,3 +165,68 @@ def _write_rows(target: torch.Tensor, weight_rows: torch.Tensor, first: torch.Te
         torch.addcmul(weight_rows, first, second, out=target)
     else:
         target.copy_(first.mul(second).add_(weight_rows))
+
+
+def hadamard_mix_and_basis(w1a: torch.Tensor, w1b: torch.Tensor, w2a: torch.Tensor, w2b: torch.Tensor,
+                           row_factor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) with (w1a·w1b) ⊙ (w2a·w2b) = A · B.
+
+    A[o, (i, j)] = w1a[o, i]·w2a[o, j] and B[(i, j), k] = w1b[i, k]·w2b[j, k]; ``row_factor`` (scale × multiplier
+    × rank-dropout mask per output row) is folded into A.
+    """
+    out_dim, rank = w1a.shape
+    mix = (w1a[:, :, None] * w2a[:, None, :]).reshape(out_dim, rank * rank) * row_factor.to(w1a.dtype)[:, None]
+    basis = (w1b[:, None, :] * w2b[None, :, :]).reshape(rank * rank, -1)
+    return mix, basis
+
+
+class FactoredHadamardFunction(torch.autograd.Function):
+    """ΔW·x as B then A (dim² channels in between): cheap when few tokens meet a big layer.
+
+    Plain autograd would keep A and B of every layer until backward; here only the input and the dim² activations
+    are kept, and A, B are rebuilt from the factors in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, layer: nn.Module, row_factor: torch.Tensor, *factors: torch.Tensor) -> torch.Tensor:
+        dtype = compute_dtype(x)
+        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+            mix, basis = (tensor.to(dtype) for tensor in hadamard_mix_and_basis(*factors, row_factor))
+            hidden = layer_forward(layer, x.to(dtype), _as_layer_weight(basis, layer), None)
+            delta = _mix_channels(hidden, mix, layer)
+        ctx.layer, ctx.dtype, ctx.input_dtype = layer, dtype, x.dtype
+        ctx.save_for_backward(x, hidden, row_factor, *factors)
+        return delta
+
+    @staticmethod
+    def backward(ctx, grad_delta):
+        x, hidden, row_factor, *factors = ctx.saved_tensors
+        layer, dtype = ctx.layer, ctx.dtype
+        leaves = [factor.detach().requires_grad_() for factor in factors]
+        with torch.enable_grad():
+            mix, basis = hadamard_mix_and_basis(*leaves, row_factor)
+        with torch.no_grad():
+            grad_delta, mix_d, basis_d = grad_delta.to(dtype), mix.detach().to(dtype), basis.detach().to(dtype)
+            if isinstance(layer, nn.Conv2d):
+                grad_mix = torch.einsum("nohw,nchw->oc", grad_delta, hidden)
+                grad_hidden = torch.einsum("nohw,oc->nchw", grad_delta, mix_d)
+            else:
+                grad_mix = grad_delta.reshape(-1, mix.shape[0]).t().mm(hidden.reshape(-1, mix.shape[1]))
+                grad_hidden = grad_delta.matmul(mix_d)
+            grad_x, grad_basis = layer_backward(layer, x.to(dtype), _as_layer_weight(basis_d, layer), grad_hidden,
+                                                ctx.needs_input_grad[0], True)
+        grads = torch.autograd.grad((mix, basis), leaves,
+                                    (grad_mix.to(mix.dtype), grad_basis.reshape(basis.shape).to(basis.dtype)))
+        return (None if grad_x is None else grad_x.to(ctx.input_dtype), None, None, *grads)
+
+
+def _as_layer_weight(basis: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+    if isinstance(layer, nn.Conv2d):
+        return basis.view(basis.shape[0], *layer.weight.shape[1:])
+    return basis
+
+
+def _mix_channels(hidden: torch.Tensor, mix: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+    if isinstance(layer, nn.Conv2d):
+        return F.conv2d(hidden, mix[:, :, None, None])
+    return F.linear(hidden, mix)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lycolab.networks.base import MergedWeightAdapter, file_alpha, layer_shape, load_factors
@@ -104,7 +105,8 @@ class LoKrModule(MergedWeightAdapter):
     def factors(self) -> list[torch.Tensor]:
         return [getattr(self, name) for name in LOKR_KEYS if name in self._parameters]
 
-    def make_delta(self, *factors: torch.Tensor) -> torch.Tensor:
+    def kron_factors(self, *factors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(w1 · scale, w2) with ΔW = w1 ⊗ w2: w1 is (a, b); w2 is (c, d) for a Linear, (c, d, k, k) for a conv."""
         named = dict(zip((name for name in LOKR_KEYS if name in self._parameters), factors, strict=True))
         w1 = named["lokr_w1"] if "lokr_w1" in named else named["lokr_w1_a"] @ named["lokr_w1_b"]
         if "lokr_w2" in named:
@@ -113,8 +115,38 @@ class LoKrModule(MergedWeightAdapter):
             w2 = torch.einsum("ij...,ip,jr->pr...", named["lokr_t2"], named["lokr_w2_a"], named["lokr_w2_b"])
         else:
             w2 = named["lokr_w2_a"] @ named["lokr_w2_b"]
-        w1 = (w1 * self.scale).reshape(*w1.shape, *([1] * (w2.dim() - 2)))
+        out_dim, in_dim = self.weight_shape[:2]
+        w2 = w2.reshape(out_dim // w1.shape[0], in_dim // w1.shape[1], *self.weight_shape[2:])
+        return w1 * self.scale, w2
+
+    def make_delta(self, *factors: torch.Tensor) -> torch.Tensor:
+        w1, w2 = self.kron_factors(*factors)
+        w1 = w1.reshape(*w1.shape, *([1] * (w2.dim() - 2)))
         return torch.kron(w1, w2.contiguous()).reshape(self.weight_shape)
+
+    def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """ΔW·x without forming ΔW: the input's channels split as (b, d) go through w2 (a grouped layer on d),
+        then w1 mixes the b groups into a; exact, and far cheaper than the layer itself."""
+        if getattr(self.org_module, "groups", 1) != 1:
+            return super().adapted_forward(x)
+        base = self.original_forward(x)
+        w1, w2 = self.kron_factors(*self.factors())
+        out_small, in_small = w1.shape
+        layer = self.org_module
+        x = x.to(w2.dtype)
+        if self.is_conv:
+            batch = x.shape[0]
+            grouped = F.conv2d(x.reshape(batch * in_small, -1, *x.shape[2:]), w2, None, layer.stride, layer.padding,
+                               layer.dilation)  # (N·b, c, H', W')
+            grouped = grouped.reshape(batch, in_small, *grouped.shape[1:])
+            delta = torch.einsum("ab,nbchw->nachw", w1, grouped).reshape(batch, -1, *grouped.shape[3:])
+            row_view = (1, -1, 1, 1)
+        else:
+            grouped = F.linear(x.reshape(*x.shape[:-1], in_small, -1), w2)  # (..., b, c)
+            delta = torch.einsum("ab,...bc->...ac", w1, grouped).reshape(*x.shape[:-1], -1)
+            row_view = (-1,)
+        delta = delta * self.row_scale(x.device).to(delta.dtype).view(row_view)
+        return base + delta.to(base.dtype)
 
 
 LOKR_KEYS = ["lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"]

@@ -105,14 +105,25 @@ def layer_weight_grad(layer: nn.Module, x: torch.Tensor, grad_output: torch.Tens
     return WeightGradient(full.reshape(shape[0], -1), None, shape)
 
 
+def layer_backward(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor, grad_output: torch.Tensor,
+                   need_input: bool, need_weight: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(∂L/∂x, ∂L/∂weight) of ``layer_forward(layer, x, weight)``; ``weight`` may have another out-channel count."""
+    if isinstance(layer, nn.Linear):
+        grad_input = grad_output.matmul(weight) if need_input else None
+        grad_weight = None
+        if need_weight:
+            grad_weight = grad_output.reshape(-1, weight.shape[0]).t().mm(x.reshape(-1, weight.shape[1]))
+        return grad_input, grad_weight
+    grad_input, grad_weight, _ = torch.ops.aten.convolution_backward(
+        grad_output, x, weight, None, list(layer.stride), list(layer.padding), list(layer.dilation), False,
+        [0, 0], layer.groups, [need_input, need_weight, False],
+    )
+    return grad_input, grad_weight
+
+
 def layer_input_grad(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor, grad_output: torch.Tensor
                      ) -> torch.Tensor:
-    if isinstance(layer, nn.Linear):
-        return grad_output.matmul(weight)
-    return torch.ops.aten.convolution_backward(
-        grad_output, x, weight, None, list(layer.stride), list(layer.padding), list(layer.dilation), False,
-        [0, 0], layer.groups, [True, False, False],
-    )[0]
+    return layer_backward(layer, x, weight, grad_output, True, False)[0]
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:

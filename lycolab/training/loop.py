@@ -17,6 +17,7 @@ from lycolab.data.dataset import BucketedDataset
 from lycolab.models.load import StableDiffusionParts, load_stable_diffusion
 from lycolab.models.text import encode_prompts
 from lycolab.networks import AdapterNetwork, create_network, load_network
+from lycolab.networks.args import network_kwargs
 from lycolab.training.history import LossHistory
 from lycolab.training.loss import sample_noise, training_target, weighted_mse
 from lycolab.training.metadata import training_metadata
@@ -28,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 SAVE_DTYPES = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, None: torch.float16}
 # Keys sd-scripts accepts that this version reads but does not act on yet; said once so nobody is misled.
-NOT_YET_ACTIVE = ("network_dropout", "mem_eff_attn", "lowram", "save_state", "resume", "sample_every_n_steps",
+NOT_YET_ACTIVE = ("mem_eff_attn", "lowram", "save_state", "resume", "sample_every_n_steps",
                   "save_last_n_epochs", "cache_latents_to_disk")
 
 
@@ -93,15 +94,9 @@ def _build_network(config: TrainConfig, parts: StableDiffusionParts, train_text_
     unet = None if config.network_train_text_encoder_only else parts.unet
     if config.network_weights:
         return load_network(config.network_weights, unet, text_encoders)
-    args = network_args_dict(config)
-    algo = args.get("algo", "lora")
-    is_lycoris = config.network_module == "lycoris.kohya"
-    conv_dim = int(float(args["conv_dim"])) if "conv_dim" in args else (None if is_lycoris else 0)
-    conv_alpha = float(args["conv_alpha"]) if "conv_alpha" in args else None
-    if algo == "lora" and is_lycoris and conv_dim is None:
-        conv_dim = config.network_dim or 4  # LyCORIS' algo=lora is LoCon: convs on at network_dim by default
-    return create_network(unet, text_encoders, algo=algo, dim=config.network_dim or 4, alpha=config.network_alpha,
-                          conv_dim=conv_dim, conv_alpha=conv_alpha, network_module=config.network_module)
+    kwargs = network_kwargs(config.network_module, config.network_dim, config.network_alpha,
+                            network_args_dict(config), config.network_dropout)
+    return create_network(unet, text_encoders, **kwargs)
 
 
 def _freeze(parts: StableDiffusionParts, device: torch.device, weight_dtype: torch.dtype) -> None:

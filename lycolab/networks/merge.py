@@ -1,0 +1,40 @@
+"""Baking adapters into the model's weights: W ← W + ratio · ΔW, for one network or several files with ratios.
+
+A merged model runs at the base model's speed and can be exported as a checkpoint; ΔW follows each algorithm's
+forward exactly (the reference LyCORIS 4.1.3 merge scales LoHa by alpha/dim twice; this does not).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lycolab.networks.io import load_network
+from lycolab.networks.network import AdapterNetwork
+
+
+@torch.no_grad()
+def merge_network(network: AdapterNetwork, ratio: float | None = None) -> int:
+    """Add ``ratio · ΔW`` (each adapter's multiplier when ``ratio`` is None) to every wrapped layer's weight, then
+    detach the network so the layers run their own forward again. Returns the number of layers changed."""
+    network.restore()
+    for adapter in network.adapters:
+        weight = adapter.org_module.weight
+        factor = adapter.multiplier if ratio is None else ratio
+        delta = adapter.delta_weight().to(weight.device, torch.float32) * factor
+        weight.copy_((weight.float() + delta.reshape(weight.shape)).to(weight.dtype))
+    return len(network.adapters)
+
+
+def merge_files(unet: nn.Module | None, text_encoders: list[nn.Module] | None,
+                files_and_ratios: Iterable[tuple[str | Path, float]]) -> list[Path]:
+    """Bake each adapter file at its ratio into the U-Net / text encoders, in order; returns the files merged."""
+    merged = []
+    for path, ratio in files_and_ratios:
+        network = load_network(path, unet, text_encoders, multiplier=ratio, apply=False)
+        merge_network(network)
+        merged.append(Path(path))
+    return merged

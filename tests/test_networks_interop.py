@@ -1,0 +1,233 @@
+"""Whole networks on the tiny SD: the same layers and keys as the LyCORIS package, files that load both ways and in
+diffusers, and merging."""
+
+import logging
+
+import pytest
+import torch
+from lycoris.kohya import LycorisNetworkKohya, create_network_from_weights
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lycolab.models.tiny import build_tiny_sd
+from lycolab.networks import AdapterFileError, create_network, load_network
+from lycolab.networks.merge import merge_files, merge_network
+
+logging.getLogger("LyCORIS").setLevel(logging.ERROR)
+
+# LyCORIS' "full" preset as it is meant for SD 1.x/2.x. 4.1.3's own list also names conv_in-style layers twice
+# (TimestepEmbedding as a block and its linears by name), which makes its constructor fail on diffusers U-Nets.
+FULL_PRESET = {
+    "enable_conv": True,
+    "unet_target_module": ["Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D", "TimestepEmbedding"],
+    "unet_target_name": ["conv_in", "conv_out"],
+    "text_encoder_target_module": ["CLIPAttention", "CLIPSdpaAttention", "CLIPMLP"],
+    "text_encoder_target_name": [],
+}
+ALGORITHMS = {"lora": {}, "loha": {}, "lokr": {"factor": 4}}
+
+
+class TextModel(nn.Module):
+    """transformers 5 dropped CLIPTextModel.text_model; the reference names modules from the attribute path."""
+
+    def __init__(self, encoder):
+        super().__init__()
+        self.text_model = encoder
+
+
+def _reference_network(sd, algo, **options):
+    LycorisNetworkKohya.apply_preset(FULL_PRESET)
+    network = LycorisNetworkKohya(TextModel(sd.text_encoder), sd.unet, multiplier=1.0, lora_dim=4, conv_lora_dim=2,
+                                  alpha=2, conv_alpha=1, network_module=algo, **options)
+    network.apply_to(sd.text_encoder, sd.unet, True, True)
+    return network
+
+
+def _reference_from_file(path, sd, multiplier=1.0):
+    LycorisNetworkKohya.apply_preset(FULL_PRESET)
+    return create_network_from_weights(multiplier, str(path), None, TextModel(sd.text_encoder), sd.unet)
+
+
+def _ours(sd, algo, **options):
+    return create_network(sd.unet, [sd.text_encoder], algo=algo, dim=4, alpha=2, conv_dim=2, conv_alpha=1,
+                          network_module="lycoris.kohya", **options)
+
+
+def _randomize(parameters, seed=5, std=0.1):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in parameters:
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
+
+
+@torch.no_grad()
+def _outputs(sd):
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, sd.tokenizer.vocab_size, (2, 77), generator=generator)
+    context = sd.text_encoder(ids)[0]
+    sample = torch.randn(2, 4, 16, 16, generator=generator)
+    return context, sd.unet(sample, torch.tensor([10, 700]), context).sample
+
+
+def _assert_same_outputs(first, second):
+    for got, expected in zip(_outputs(first), _outputs(second), strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("algo", ALGORITHMS)
+def test_network_wraps_the_same_layers_with_the_same_shapes_as_lycoris(algo):
+    ours = _ours(build_tiny_sd(), algo, **ALGORITHMS[algo])
+    reference = _reference_network(build_tiny_sd(), algo, **ALGORITHMS[algo])
+    our_shapes = {key: tuple(value.shape) for key, value in ours.state_dict().items()}
+    reference_shapes = {key: tuple(value.shape) for key, value in reference.state_dict().items()}
+    assert our_shapes == reference_shapes
+    assert any(key.startswith("lora_unet_conv_in.") for key in our_shapes)
+    assert any(key.startswith("lora_unet_time_embedding_linear_1.") for key in our_shapes)
+    assert any(key.startswith("lora_te_text_model_encoder_layers_0_mlp_fc2.") for key in our_shapes)
+
+
+@pytest.mark.parametrize("algo", ALGORITHMS)
+def test_file_we_save_loads_in_lycoris_with_the_same_effect(algo, tmp_path):
+    ours_sd = build_tiny_sd()
+    ours = _ours(ours_sd, algo, **ALGORITHMS[algo])
+    _randomize(ours.parameters())
+    path = ours.save_weights(tmp_path / f"{algo}.safetensors", dtype=torch.float32)
+    reference_sd = build_tiny_sd()
+    reference, _ = _reference_from_file(path, reference_sd)
+    reference.apply_to(reference_sd.text_encoder, reference_sd.unet, True, True)
+    assert len(reference.loras) == len(ours.adapters)
+    _assert_same_outputs(ours_sd, reference_sd)
+    # The merged weight W + ΔW of every layer is the same (ΔW as the reference's forward applies it).
+    reference_deltas = {module.lora_name: module for module in reference.loras}
+    with torch.no_grad():
+        for adapter in ours.adapters:
+            module = reference_deltas[adapter.lora_name]
+            if algo == "lora":
+                expected = module.make_weight() * module.scale
+            else:
+                expected = module.get_weight(module.shape) * module.scalar
+            torch.testing.assert_close(adapter.delta_weight(), expected.reshape(adapter.weight_shape), rtol=1e-5,
+                                       atol=1e-6, msg=adapter.lora_name)
+
+
+@pytest.mark.parametrize("algo", ALGORITHMS)
+def test_file_saved_by_lycoris_loads_in_ours_with_the_same_effect(algo, tmp_path):
+    reference_sd = build_tiny_sd()
+    reference = _reference_network(reference_sd, algo, **ALGORITHMS[algo])
+    _randomize(reference.parameters())
+    path = tmp_path / f"reference_{algo}.safetensors"
+    reference.save_weights(str(path), torch.float32, {"ss_network_module": "lycoris.kohya"})
+    ours_sd = build_tiny_sd()
+    ours = load_network(path, ours_sd.unet, [ours_sd.text_encoder])
+    assert len(ours.adapters) == len(reference.loras)
+    assert {adapter.algo for adapter in ours.adapters} == {"lora" if algo == "lora" else algo}
+    _assert_same_outputs(ours_sd, reference_sd)
+
+
+@pytest.mark.parametrize("algo", ALGORITHMS)
+def test_lycoris_merge_of_our_files_equals_our_merge(algo, tmp_path):
+    # LyCORIS 4.1.3 multiplies LoHa/LoKr ΔW by alpha/dim twice when merging (not in its forward), so alpha = dim
+    # here; LoRA has no such problem and keeps alpha = dim / 2.
+    alphas = (2, 1) if algo == "lora" else (4, 2)
+    ours_sd = build_tiny_sd()
+    ours = create_network(ours_sd.unet, [ours_sd.text_encoder], algo=algo, dim=4, alpha=alphas[0], conv_dim=2,
+                          conv_alpha=alphas[1], network_module="lycoris.kohya", **ALGORITHMS[algo])
+    _randomize(ours.parameters())
+    path = ours.save_weights(tmp_path / f"{algo}.safetensors", dtype=torch.float32)
+    merge_network(ours, 1.0)  # the reference's kohya merge_to always merges at 1
+    reference_sd = build_tiny_sd()
+    reference, weights = _reference_from_file(path, reference_sd)
+    reference.merge_to(reference_sd.text_encoder, reference_sd.unet, weights, torch.float32, "cpu")
+    for model in ("unet", "text_encoder"):
+        expected = getattr(reference_sd, model).state_dict()
+        for name, parameter in getattr(ours_sd, model).state_dict().items():
+            torch.testing.assert_close(parameter, expected[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize(("algo", "network_module", "conv_dim"),
+                         [("lora", "networks.lora", 0), ("lora", "networks.lora", 2), ("locon", "lycoris.kohya", 2)])
+def test_lora_and_locon_files_load_in_diffusers_without_leftover_keys(algo, network_module, conv_dim, tmp_path,
+                                                                      caplog):
+    pytest.importorskip("peft")
+    from diffusers import StableDiffusionPipeline
+
+    ours_sd = build_tiny_sd()
+    ours = create_network(ours_sd.unet, [ours_sd.text_encoder], algo=algo, dim=4, alpha=2, conv_dim=conv_dim,
+                          conv_alpha=1, network_module=network_module)
+    _randomize(ours.parameters(), std=0.2)
+    path = ours.save_weights(tmp_path / "lora.safetensors", dtype=torch.float32)
+    pipe_sd = build_tiny_sd()
+    pipe = StableDiffusionPipeline(vae=pipe_sd.vae, text_encoder=pipe_sd.text_encoder, tokenizer=pipe_sd.tokenizer,
+                                   unet=pipe_sd.unet, scheduler=pipe_sd.scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    with caplog.at_level(logging.WARNING):
+        pipe.load_lora_weights(str(path))
+    assert "unexpected" not in caplog.text.lower() and "not loaded" not in caplog.text.lower(), caplog.text
+    _assert_same_outputs(ours_sd, pipe_sd)
+
+
+def test_merging_files_at_ratios_adds_ratio_times_delta_weight(tmp_path):
+    sd = build_tiny_sd()
+    before = {name: value.clone() for name, value in sd.unet.state_dict().items()}
+    files = []
+    for index, algo in enumerate(("loha", "lora")):
+        network = create_network(sd.unet, [sd.text_encoder], algo=algo, dim=3, alpha=1.5)
+        _randomize(network.parameters(), seed=index)
+        files.append(network.save_weights(tmp_path / f"{algo}.safetensors", dtype=torch.float32))
+        network.restore()
+    expected_sd = build_tiny_sd()
+    applied = [load_network(path, expected_sd.unet, [expected_sd.text_encoder], multiplier=ratio)
+               for path, ratio in zip(files, (0.7, -0.3), strict=True)]
+    assert merge_files(sd.unet, [sd.text_encoder], zip(files, (0.7, -0.3), strict=True)) == files
+    _assert_same_outputs(sd, expected_sd)
+    layer_name = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"
+    deltas = [network.get_submodule("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q")
+              .delta_weight() * network.adapters[0].multiplier for network in applied]
+    torch.testing.assert_close(sd.unet.state_dict()[layer_name], before[layer_name] + deltas[0] + deltas[1],
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_sd_scripts_files_with_linear_shaped_conv_loras_and_fp16_load(tmp_path):
+    sd = build_tiny_sd()
+    network = create_network(sd.unet, algo="lora", dim=2, alpha=1)
+    _randomize(network.parameters())
+    expected = _outputs(sd)[1]
+    network.restore()
+    # sd-scripts for SD 2 writes proj_in/proj_out (1x1 convs in SD 1) as 2-D Linear weights, in fp16.
+    state = {key: (value.flatten(1) if value.dim() == 4 else value).half().contiguous()
+             for key, value in network.state_dict().items()}
+    save_file(state, str(tmp_path / "kohya.safetensors"), {"ss_network_module": "networks.lora"})
+    loaded = load_network(tmp_path / "kohya.safetensors", sd.unet)
+    assert loaded.network_module == "networks.lora" and loaded.algo == "lora"
+    torch.testing.assert_close(_outputs(sd)[1], expected, rtol=1e-2, atol=1e-3)
+
+
+def test_unsupported_modules_are_reported_and_dora_refused(tmp_path, caplog):
+    sd = build_tiny_sd()
+    network = create_network(sd.unet, algo="lora", dim=2)
+    state = dict(network.state_dict())
+    network.restore()
+    state["lora_unet_conv_in.diff"] = torch.zeros(32, 4, 3, 3)
+    state["lora_unet_conv_out.weight"] = torch.zeros(4)  # an IA3 module
+    save_file({key: value.contiguous() for key, value in state.items()}, str(tmp_path / "mixed.safetensors"))
+    with caplog.at_level(logging.WARNING):
+        load_network(tmp_path / "mixed.safetensors", sd.unet).restore()
+    assert "1 module(s) use full (diff)" in caplog.text and "1 module(s) use ia3" in caplog.text
+    state = load_file(str(tmp_path / "mixed.safetensors"))
+    state["lora_unet_down_blocks_0_attentions_0_proj_in.dora_scale"] = torch.ones(32, 1, 1, 1)
+    save_file(state, str(tmp_path / "dora.safetensors"))
+    with pytest.raises(AdapterFileError, match="DoRA"):
+        load_network(tmp_path / "dora.safetensors", sd.unet)
+
+
+def test_adapter_for_another_model_gives_a_one_line_shape_error(tmp_path):
+    sd = build_tiny_sd()
+    network = create_network(sd.unet, algo="loha", dim=2)
+    state = {key: value.contiguous() for key, value in network.state_dict().items()}
+    network.restore()
+    key = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.hada_w1_b"
+    state[key] = torch.zeros(2, 48)  # cross-attention width of another model
+    save_file(state, str(tmp_path / "other.safetensors"))
+    with pytest.raises(AdapterFileError, match="another base model") as error:
+        load_network(tmp_path / "other.safetensors", sd.unet)
+    assert "\n" not in str(error.value)
