@@ -136,8 +136,9 @@ def test_pickled_and_broken_files_are_refused(tiny_sd, tmp_path):
         load_network(tmp_path / "bad.safetensors", tiny_sd.unet)
 
 
-def test_adapters_get_gradients_through_gradient_checkpointing(tiny_sd):
-    network = create_network(tiny_sd.unet, algo="locon", dim=4, conv_dim=2)
+@pytest.mark.parametrize("algo", ["locon", "loha", "lokr"])
+def test_adapters_get_gradients_through_gradient_checkpointing(tiny_sd, algo):
+    network = create_network(tiny_sd.unet, algo=algo, dim=4, conv_dim=2)
     tiny_sd.unet.requires_grad_(False)
     tiny_sd.unet.enable_gradient_checkpointing()
     tiny_sd.unet.train()
@@ -147,3 +148,41 @@ def test_adapters_get_gradients_through_gradient_checkpointing(tiny_sd):
     grads = [p.grad for p in network.parameters()]
     assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0
     assert all(p.grad is None for p in tiny_sd.unet.parameters())
+
+
+@pytest.mark.parametrize("algo", ["lora", "loha", "lokr"])
+def test_rank_and_module_dropout_act_only_in_training(tiny_sd, algo):
+    network = create_network(tiny_sd.unet, algo=algo, dim=4, alpha=2, rank_dropout=0.5, module_dropout=0.0)
+    _randomize(network, std=0.2)
+    tiny_sd.unet.eval()
+    network.eval()
+    torch.manual_seed(0)
+    evaluated = _unet_output(tiny_sd.unet)
+    torch.testing.assert_close(_unet_output(tiny_sd.unet), evaluated)
+    network.train()
+    first, second = _unet_output(tiny_sd.unet), _unet_output(tiny_sd.unet)
+    assert not torch.allclose(first, second) and not torch.allclose(first, evaluated)
+    for adapter in network.adapters:
+        adapter.rank_dropout, adapter.module_dropout = 0.0, 1.0  # every adapter skipped
+    network.restore()
+    base = _unet_output(tiny_sd.unet)
+    network.apply_to()
+    torch.testing.assert_close(_unet_output(tiny_sd.unet), base)
+
+
+@pytest.mark.parametrize("algo", ["locon", "loha", "lokr"])
+def test_bf16_autocast_training_step_matches_float32(tiny_sd, algo):
+    network = create_network(tiny_sd.unet, algo=algo, dim=4, conv_dim=2)
+    _randomize(network, std=0.1)
+    sample, timesteps, context = _unet_inputs()
+
+    def gradients(autocast: bool):
+        network.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            output = tiny_sd.unet(sample, timesteps, context).sample
+        output.float().square().mean().backward()
+        return torch.cat([parameter.grad.flatten() for parameter in network.parameters()])
+
+    reference, mixed = gradients(False), gradients(True)
+    assert torch.isfinite(mixed).all()
+    assert torch.nn.functional.cosine_similarity(reference, mixed, dim=0) > 0.98
