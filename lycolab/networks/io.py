@@ -154,7 +154,7 @@ def load_network(
     naming no layer of the given model, or using an algorithm lycolab cannot rebuild, are reported (count and first
     few) rather than silently dropped. With ``apply=False`` the model is left untouched (e.g. to merge instead).
     """
-    from lycolab.networks.network import AdapterNetwork
+    from lycolab.networks.network import AdapterNetwork, default_network_module
 
     path = Path(path)
     tensors, metadata = read_adapter_file(path)
@@ -173,8 +173,8 @@ def load_network(
     algo = metadata_algorithm(metadata) or (algorithms.pop() if len(algorithms) == 1 else "lora")
     hyperparameters = {"dim": metadata.get("ss_network_dim", adapters[0].dim),
                        "alpha": metadata.get("ss_network_alpha", float(adapters[0].alpha))}
-    default_module = "networks.lora" if algo == "lora" else "lycoris.kohya"
-    network = AdapterNetwork(adapters, algo, metadata.get("ss_network_module", default_module), hyperparameters)
+    network_module = metadata.get("ss_network_module", default_network_module(algo))
+    network = AdapterNetwork(adapters, algo, network_module, hyperparameters)
     if apply:
         network.apply_to()
     return network

@@ -72,7 +72,9 @@ class LoRAModule(AdapterModule):
 
     def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.original_forward(x)
-        hidden = self.lora_down(x.to(self.lora_down.weight.dtype))
+        if not torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.lora_down.weight.dtype)  # under autocast the layers cast, and x stays shared with the base
+        hidden = self.lora_down(x)
         if self.tucker:
             hidden = self.lora_mid(hidden)
         scale = self.multiplier * self.scale

@@ -18,6 +18,7 @@ from lycolab.models.load import StableDiffusionParts, load_stable_diffusion
 from lycolab.models.text import encode_prompts
 from lycolab.networks import AdapterNetwork, create_network, load_network
 from lycolab.networks.args import network_kwargs
+from lycolab.networks.merged_weight import WORKSPACE
 from lycolab.training.history import LossHistory
 from lycolab.training.loss import sample_noise, training_target, weighted_mse
 from lycolab.training.metadata import training_metadata
@@ -313,6 +314,7 @@ class Trainer:
                 break
         bar.close()
         self.finish(epoch, step, started)
+        WORKSPACE.clear()  # the adapters' reusable full-size buffers; a notebook kernel lives on after training
         return self.result
 
     def finish(self, epoch: int, step: int, started: float) -> None:
