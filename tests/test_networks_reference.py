@@ -37,6 +37,16 @@ CASES = {
 }
 
 
+def test_lokr_factorization_matches_lycoris():
+    from lycoris.functional.general import factorization as reference_factorization
+
+    from lycolab.networks.lokr import factorization
+
+    for dimension in range(1, 1400):
+        for factor in (-1, 1, 2, 3, 4, 8, 16, 32):
+            assert factorization(dimension, factor) == reference_factorization(dimension, factor), (dimension, factor)
+
+
 def _pair(case, seed=0):
     """(ours, reference) built from the same seed around two identical copies of one layer."""
     our_class, make_layer, dim, alpha, options = CASES[case]

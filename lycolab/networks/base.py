@@ -106,10 +106,11 @@ class AdapterModule(nn.Module):
 
 
 class MergedWeightAdapter(AdapterModule):
-    """An algorithm whose ΔW has no cheap factored forward (LoHa, LoKr): run the layer with W + m·ΔW.
+    """An algorithm built from factors (LoHa, LoKr) whose generic forward runs the layer with W + m·ΔW.
 
     Subclasses define :meth:`factors` (their parameters, in a fixed order) and :meth:`make_delta` (ΔW from those
-    factors, scale included); they may override the two merge methods with faster equivalents. Rank dropout follows
+    factors, scale included); they may override the two merge methods with faster equivalents, or
+    :meth:`adapted_forward` with a factored form where one is cheaper. Rank dropout follows
     LyCORIS: whole rows (output channels) of ΔW are dropped, rescaled by the kept fraction if
     ``rank_dropout_scale``.
     """

@@ -34,10 +34,9 @@ def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
         candidate += 1
         while dimension % candidate:
             candidate += 1
-        pair = (candidate, dimension // candidate)
-        if sum(pair) > sum(best) or candidate > limit:
+        if candidate > limit:
             break
-        best = pair
+        best = (candidate, dimension // candidate)
     return tuple(sorted(best))
 
 

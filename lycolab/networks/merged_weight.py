@@ -1,8 +1,9 @@
 """Run a layer with W + m·ΔW while keeping nothing but the input and the small factors for backward.
 
-LoHa and LoKr have no cheap factored forward, so the layer must run with a merged weight. Done naively (as the
-reference LyCORIS package does) autograd keeps ΔW and the merged weight of every layer alive until backward — a
-second copy of the model — and runs the base and delta layers separately. Here a custom autograd function builds
+When ΔW has no cheap factored form for the call at hand (LoHa with many tokens per layer, the tucker variants), the
+layer must run with a merged weight. Done naively (as the reference LyCORIS package does) autograd keeps ΔW and the
+merged weight of every layer alive until backward — a second copy of the model — and runs the base and delta layers
+separately. Here a custom autograd function builds
 the merged weight, runs the layer once and frees it; backward rebuilds it from the factors (cheap next to the layer
 itself), gets the input and weight gradients from the layer's own backward, and maps the weight gradient onto the
 factors. How the merged weight is built and how its gradient reaches the factors is the adapter's business
