@@ -60,6 +60,7 @@ class SubsetConfig:
     flip_aug: bool = False
     color_aug: bool = False
     random_crop: bool = False
+    face_crop_aug_range: list[str] | None = None
 
 
 @dataclass
@@ -504,6 +505,10 @@ def load_config(
         for dataset in config.datasets:
             validate_dataset(dataset, source)
     validate_config(config, source)
+    _require(not (config.cache_latents or config.cache_latents_to_disk)
+             or not any(subset.random_crop for dataset in config.datasets for subset in dataset.subsets), source,
+             "random_crop cannot be used with cache_latents: a cached latent holds one fixed crop, so the crop would "
+             "never change; turn one of them off")
     return config
 
 
@@ -580,6 +585,7 @@ def validate_dataset(dataset: DatasetConfig, source: str) -> None:
         for key in ("caption_dropout_rate", "caption_tag_dropout_rate"):
             value = getattr(subset, key)
             _require(0.0 <= value <= 1.0, source, f"{key} must be between 0 and 1 (got {value})")
-        unsupported = [key for key in ("flip_aug", "color_aug", "random_crop") if getattr(subset, key)]
-        _require(not unsupported, source,
-                 f"{', '.join(unsupported)} is not supported yet; set it to false")
+        _require(not subset.color_aug, source,
+                 "color_aug is not supported (it only shifts hue a little and rules out latent caching); remove it")
+        _require(not subset.face_crop_aug_range, source,
+                 "face_crop_aug_range is not supported (it needs face positions in the file names); remove it")

@@ -8,7 +8,8 @@ from lycolab.models.load import load_stable_diffusion
 from lycolab.models.text import encode_prompts
 from lycolab.networks import load_network
 from lycolab.training import train
-from lycolab.training.loop import encode_latents, plan_run
+from lycolab.training.latent_cache import encode_latents
+from lycolab.training.loop import plan_run
 
 CAPTIONS = ["sks, red circle, blue background", "sks, yellow square, black background",
             "sks, green triangle, white background", "sks, purple circle, orange background"]

@@ -13,7 +13,7 @@ import torch
 from lycolab.config import DatasetConfig
 from lycolab.data.buckets import BucketChoice, BucketManager
 from lycolab.data.captions import process_caption
-from lycolab.data.images import UnreadableImage, image_size, open_rgb, resize_and_crop
+from lycolab.data.images import UnreadableImage, open_rgb, resize_and_crop, verified_size
 from lycolab.data.scan import ImageRecord, scan_subset
 
 logger = logging.getLogger(__name__)
@@ -39,18 +39,19 @@ class BucketedDataset:
         self.skipped: list[str] = []
         for dataset_index, dataset in enumerate(datasets):
             manager = BucketManager(dataset)
-            for subset in dataset.subsets:
-                for record in scan_subset(subset):
-                    self._add(record, manager, dataset_index)
+            items = [item for subset in dataset.subsets for record in scan_subset(subset)
+                     if (item := self._usable(record, manager, dataset_index)) is not None]
+            self.items += balance_regularization(items)
 
-    def _add(self, record: ImageRecord, manager: BucketManager, dataset_index: int) -> None:
+    def _usable(self, record: ImageRecord, manager: BucketManager, dataset_index: int) -> TrainItem | None:
+        """The record with its bucket, or None (and one warning naming the file and reason) if it cannot be used."""
         try:
-            width, height = image_size(record.path)
+            width, height = verified_size(record.path)
         except UnreadableImage as error:
             logger.warning("skipping %s", error)
             self.skipped.append(str(error))
-            return
-        self.items.append(TrainItem(record, manager.select(width, height), dataset_index))
+            return None
+        return TrainItem(record, manager.select(width, height), dataset_index)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -91,11 +92,20 @@ class BucketedDataset:
         item = self.items[index]
         return process_caption(item.record.caption, item.record.subset, rng, epoch)
 
-    def pixels(self, index: int) -> torch.Tensor:
-        """The image resized and cropped to its bucket, as a 3xHxW float tensor in [-1, 1]."""
+    def pixels(self, index: int, flip: bool = False, rng: random.Random | None = None) -> torch.Tensor:
+        """The image resized and cropped to its bucket, as a 3xHxW float tensor in [-1, 1]; mirrored if ``flip``,
+        and cropped at a random place (instead of the centre) when the subset asks for ``random_crop``."""
         item = self.items[index]
-        array = resize_and_crop(open_rgb(item.record.path), item.bucket.resized_size, item.bucket.bucket_resolution)
+        crop_rng = rng if item.record.subset.random_crop else None
+        array = resize_and_crop(open_rgb(item.record.path), item.bucket.resized_size, item.bucket.bucket_resolution,
+                                crop_rng)
+        if flip:
+            array = array[:, ::-1].copy()
         return torch.from_numpy(array).permute(2, 0, 1).float().div(127.5).sub(1.0)
+
+    def wants_flip(self, index: int, rng: random.Random) -> bool:
+        """flip_aug: each time an image is used, mirror it with probability 1/2."""
+        return self.items[index].record.subset.flip_aug and rng.random() < 0.5
 
     def log_summary(self) -> None:
         """The report sd-scripts users look for: subsets, bucket resolutions with counts, images with repeats."""
@@ -116,3 +126,35 @@ class BucketedDataset:
             logger.info("mean ar error (without repeats): %.4f", mean_error)
         if self.skipped:
             logger.warning("%d file(s) skipped as unreadable", len(self.skipped))
+
+
+def balance_regularization(items: list[TrainItem]) -> list[TrainItem]:
+    """sd-scripts' rule for regularisation images: repeat them until they match the training images (with repeats).
+
+    The first pass takes each reg image with its own ``num_repeats`` until the count is reached (later ones are not
+    used); further passes add one repeat per image in turn. Training images are returned unchanged.
+    """
+    train = [item for item in items if not item.record.is_reg]
+    regs = [item for item in items if item.record.is_reg]
+    target = sum(item.record.num_repeats for item in train)
+    if not regs:
+        return items
+    if target == 0:
+        return train  # regularisation images alone teach nothing
+    used: list[TrainItem] = []
+    count, first_pass = 0, True
+    while count < target:
+        for item in regs:
+            if first_pass:
+                used.append(item)
+                count += item.record.num_repeats
+            else:
+                item.record.num_repeats += 1
+                count += 1
+            if count >= target:
+                break
+        first_pass = False
+    if len(used) < len(regs):
+        logger.info("%d of %d regularization images are used, to match %d training images", len(used), len(regs),
+                    target)
+    return train + used

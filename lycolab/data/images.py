@@ -1,8 +1,14 @@
-"""Opening user images safely: orientation from EXIF, any mode to RGB, a bad file is reported, never fatal."""
+"""Opening user images safely: orientation from EXIF, any mode to RGB, a bad file is reported, never fatal.
+
+Phones, boorus and Drive give CMYK JPEGs, palette and transparent PNGs, 16-bit and float TIFF-like PNGs, animated
+WebPs, truncated downloads, zero-byte placeholders and files that are not images at all. Each is either converted
+to upright 8-bit RGB or refused with an :class:`UnreadableImage` naming the file and the reason.
+"""
 
 from __future__ import annotations
 
 import logging
+import random
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +18,9 @@ logger = logging.getLogger(__name__)
 
 
 # What PIL raises for truncated, non-image, corrupt or decompression-bomb files.
-_READ_ERRORS = (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError)
+_READ_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+# Larger images are refused: decoding one would take gigabytes (PIL's own limit warns at 89 M and refuses at 179 M).
+MAX_IMAGE_PIXELS = 8192 * 8192
 
 
 class UnreadableImage(Exception):
@@ -20,40 +28,76 @@ class UnreadableImage(Exception):
 
 
 def open_rgb(path: str | Path) -> Image.Image:
-    """The image upright (EXIF orientation applied) in RGB; transparency is composited on white."""
+    """The image upright (EXIF orientation applied) in 8-bit RGB; transparency is composited on white, animated
+    images give their first frame."""
     path = Path(path)
+    _check_file(path)
     try:
         with Image.open(path) as image:
+            _check_size(path, image.size)
             image.seek(0)
             image = ImageOps.exif_transpose(image)
             image.load()
     except _READ_ERRORS as error:
-        raise UnreadableImage(f"{path}: cannot read image ({error})") from None
-    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+        raise UnreadableImage(f"{path}: cannot read image ({_reason(error)})") from None
+    return to_rgb(image)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode as 8-bit RGB: high-bit-depth and float images are scaled, not clipped to white."""
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        if image.mode != "F":
+            array = array / (65535.0 if array.max(initial=0) > 255 else 255.0)
+        gray = (np.clip(array, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+        return Image.fromarray(gray, "L").convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return image.convert("RGB")
 
 
-def image_size(path: str | Path) -> tuple[int, int]:
-    """(width, height) after EXIF orientation, read from the header without decoding pixels."""
-    path = Path(path)
+def verified_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) after decoding every pixel once: a truncated file fails here, not in the middle of training."""
+    return open_rgb(path).size
+
+
+def _check_file(path: Path) -> None:
     try:
-        with Image.open(path) as image:
-            width, height = image.size
-            orientation = image.getexif().get(0x0112, 1)
-    except _READ_ERRORS as error:
-        raise UnreadableImage(f"{path}: cannot read image ({error})") from None
-    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+        if path.stat().st_size == 0:
+            raise UnreadableImage(f"{path}: empty file (0 bytes); re-download or delete it")
+    except OSError as error:
+        raise UnreadableImage(f"{path}: cannot read file ({error.strerror})") from None
 
 
-def resize_and_crop(image: Image.Image, resized_size: tuple[int, int], crop_size: tuple[int, int]) -> np.ndarray:
-    """Resize (Lanczos when shrinking) then centre-crop to the bucket; returns HxWx3 uint8."""
+def _check_size(path: Path, size: tuple[int, int]) -> None:
+    width, height = size
+    if width * height > MAX_IMAGE_PIXELS:
+        raise UnreadableImage(f"{path}: image is {width}x{height}, larger than {MAX_IMAGE_PIXELS // 1_000_000} "
+                              "megapixels; downscale it first")
+    if width < 1 or height < 1:
+        raise UnreadableImage(f"{path}: image has no pixels ({width}x{height})")
+
+
+def _reason(error: Exception) -> str:
+    if isinstance(error, UnidentifiedImageError):
+        return "not an image file, or a format PIL cannot decode"
+    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    if "truncated" in text.lower():
+        return f"truncated file ({text}); re-download it"
+    return text
+
+
+def resize_and_crop(image: Image.Image, resized_size: tuple[int, int], crop_size: tuple[int, int],
+                    rng: random.Random | None = None) -> np.ndarray:
+    """Resize (Lanczos when shrinking) then crop to the bucket — centred, or at a random place when ``rng`` is
+    given (random_crop); returns HxWx3 uint8."""
     if image.size != resized_size:
         shrinking = resized_size[0] < image.size[0]
         image = image.resize(resized_size, Image.Resampling.LANCZOS if shrinking else Image.Resampling.BICUBIC)
-    left = (resized_size[0] - crop_size[0]) // 2
-    top = (resized_size[1] - crop_size[1]) // 2
+    spare_x, spare_y = resized_size[0] - crop_size[0], resized_size[1] - crop_size[1]
+    left = rng.randint(0, spare_x) if rng else spare_x // 2
+    top = rng.randint(0, spare_y) if rng else spare_y // 2
     image = image.crop((left, top, left + crop_size[0], top + crop_size[1]))
     return np.array(image, dtype=np.uint8)  # a writable copy, as torch.from_numpy needs

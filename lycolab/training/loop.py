@@ -20,6 +20,7 @@ from lycolab.networks import AdapterNetwork, create_network, load_network
 from lycolab.networks.args import network_kwargs
 from lycolab.networks.merged_weight import WORKSPACE
 from lycolab.training.history import LossHistory
+from lycolab.training.latent_cache import LatentCache, encode_latents
 from lycolab.training.loss import sample_noise, training_target, weighted_mse
 from lycolab.training.metadata import training_metadata
 from lycolab.training.optim import build_optimizer
@@ -31,7 +32,7 @@ logger = logging.getLogger(__name__)
 SAVE_DTYPES = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, None: torch.float16}
 # Keys sd-scripts accepts that this version reads but does not act on yet; said once so nobody is misled.
 NOT_YET_ACTIVE = ("mem_eff_attn", "lowram", "save_state", "resume", "sample_every_n_steps",
-                  "save_last_n_epochs", "cache_latents_to_disk")
+                  "save_last_n_epochs")
 
 
 class TrainingError(RuntimeError):
@@ -119,27 +120,6 @@ def _enable_attention(config: TrainConfig, unet) -> None:
         logger.info("xformers unavailable (%s); using PyTorch scaled-dot-product attention", type(error).__name__)
 
 
-@torch.no_grad()
-def encode_latents(vae, pixels: torch.Tensor) -> torch.Tensor:
-    """Pixels in [-1, 1] → scaled latents the U-Net trains on."""
-    latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.sample()
-    return latents * vae.config.scaling_factor
-
-
-def cache_all_latents(dataset: BucketedDataset, vae, batch_size: int) -> dict[int, torch.Tensor]:
-    """Encode every image once (grouped by bucket so sizes match); the VAE is then idle for the whole run."""
-    by_bucket: dict[tuple, list[int]] = {}
-    for index, item in enumerate(dataset.items):
-        by_bucket.setdefault(item.bucket.bucket_resolution, []).append(index)
-    cache = {}
-    for indices in by_bucket.values():
-        for start in range(0, len(indices), batch_size):
-            chunk = indices[start : start + batch_size]
-            latents = encode_latents(vae, torch.stack([dataset.pixels(i) for i in chunk]))
-            cache.update({index: latent.cpu() for index, latent in zip(chunk, latents)})
-    return cache
-
-
 class Trainer:
     """One training run; ``train()`` is the loop, the rest are its steps, each short enough to read at once."""
 
@@ -166,8 +146,9 @@ class Trainer:
         self._prepare_data()
         self._prepare_models()
         self._prepare_optimizer()
-        self.latent_cache = (cache_all_latents(self.dataset, self.parts.vae, config.vae_batch_size)
-                             if config.cache_latents else None)
+        caching = config.cache_latents or config.cache_latents_to_disk
+        self.latent_cache = (LatentCache(self.dataset, self.parts.vae, config.vae_batch_size,
+                                         config.cache_latents_to_disk) if caching else None)
         logger.info("num batches per epoch: %d, num epochs: %d, batch size: %d, gradient accumulation: %d, "
                     "total optimization steps: %d", self.plan.batches_per_epoch, self.plan.epochs,
                     config.train_batch_size, config.gradient_accumulation_steps, self.plan.total_steps)
@@ -219,9 +200,13 @@ class Trainer:
 
     def batch_latents(self, indices: list[int]) -> torch.Tensor:
         device = self.accelerator.device
+        flips = [self.dataset.wants_flip(i, self.rng) for i in indices]
         if self.latent_cache is not None:
-            return torch.stack([self.latent_cache[i] for i in indices]).to(device, torch.float32)
-        return encode_latents(self.parts.vae, torch.stack([self.dataset.pixels(i) for i in indices])).float()
+            latents = [self.latent_cache.get(i, flip) for i, flip in zip(indices, flips, strict=True)]
+            return torch.stack(latents).to(device, torch.float32)
+        pixels = [self.dataset.pixels(i, flip, self.rng) for i, flip in zip(indices, flips, strict=True)]
+        with torch.no_grad():
+            return encode_latents(self.parts.vae, torch.stack(pixels)).float()
 
     def loss_for_batch(self, indices: list[int], epoch: int) -> torch.Tensor:
         """Noise the latents at random timesteps and score the U-Net's prediction (the DDPM objective)."""

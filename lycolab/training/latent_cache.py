@@ -1,0 +1,120 @@
+"""Latents encoded once per image (``cache_latents``), optionally kept on disk beside the images
+(``cache_latents_to_disk``) so the next run — or a restarted Colab runtime — skips the VAE.
+
+A disk entry is ``<image file name>.latents.safetensors`` holding ``latents`` (and ``latents_flipped`` for
+``flip_aug``) with a fingerprint of the image file (size and modification time), its bucket and resize, and the VAE
+(its config and first/last weights). Any change makes the entry stale and it is encoded again; entries are written
+atomically, so an interrupted run never leaves a half-written cache behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from lycolab.data.dataset import BucketedDataset
+from lycolab.files import atomic_write
+
+logger = logging.getLogger(__name__)
+
+CACHE_SUFFIX = ".latents.safetensors"
+
+
+def encode_latents(vae, pixels: torch.Tensor) -> torch.Tensor:
+    """Pixels in [-1, 1] → scaled latents the U-Net trains on."""
+    latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.sample()
+    return latents * vae.config.scaling_factor
+
+
+def vae_fingerprint(vae) -> str:
+    """Identifies a VAE cheaply: its config and the bytes of its first and last convolutions."""
+    digest = hashlib.sha256(json.dumps(dict(vae.config), sort_keys=True, default=str).encode())
+    for module in (vae.encoder.conv_in, getattr(vae, "quant_conv", None) or vae.encoder.conv_out):
+        digest.update(module.weight.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def cache_path(image_path: Path) -> Path:
+    return image_path.with_name(image_path.name + CACHE_SUFFIX)
+
+
+class LatentCache:
+    """Every image's latent (and mirrored latent when its subset uses ``flip_aug``), indexed like the dataset."""
+
+    def __init__(self, dataset: BucketedDataset, vae, batch_size: int, to_disk: bool = False):
+        self.dataset = dataset
+        self.to_disk = to_disk
+        self.vae_id = vae_fingerprint(vae) if to_disk else ""
+        self.latents: dict[int, torch.Tensor] = {}
+        self.flipped: dict[int, torch.Tensor] = {}
+        self.loaded_from_disk = 0
+        missing = [index for index in range(len(dataset)) if not (to_disk and self._load(index))]
+        self._encode(vae, missing, batch_size)
+        if to_disk:
+            logger.info("latents: %d read from disk, %d encoded and saved", self.loaded_from_disk, len(missing))
+
+    def get(self, index: int, flip: bool = False) -> torch.Tensor:
+        return self.flipped[index] if flip else self.latents[index]
+
+    def _needs_flip(self, index: int) -> bool:
+        return self.dataset.items[index].record.subset.flip_aug
+
+    def fingerprint(self, index: int) -> str:
+        item = self.dataset.items[index]
+        stat = item.record.path.stat()
+        return (f"{stat.st_size}:{stat.st_mtime_ns}:{item.bucket.resized_size}:{item.bucket.bucket_resolution}:"
+                f"{self.vae_id}")
+
+    def _load(self, index: int) -> bool:
+        path = cache_path(self.dataset.items[index].record.path)
+        if not path.is_file():
+            return False
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                if (handle.metadata() or {}).get("fingerprint") != self.fingerprint(index):
+                    return False
+                if self._needs_flip(index) and "latents_flipped" not in handle.keys():
+                    return False
+                self.latents[index] = handle.get_tensor("latents")
+                if self._needs_flip(index):
+                    self.flipped[index] = handle.get_tensor("latents_flipped")
+        except (SafetensorError, OSError):
+            return False  # a damaged cache file is simply encoded again
+        self.loaded_from_disk += 1
+        return True
+
+    @torch.no_grad()
+    def _encode(self, vae, indices: list[int], batch_size: int) -> None:
+        """Encode in batches of one bucket size (the VAE needs equal sizes), mirrored copies alongside."""
+        by_bucket: dict[tuple[int, int], list[int]] = {}
+        for index in indices:
+            by_bucket.setdefault(self.dataset.items[index].bucket.bucket_resolution, []).append(index)
+        for bucket_indices in by_bucket.values():
+            for start in range(0, len(bucket_indices), batch_size):
+                chunk = bucket_indices[start : start + batch_size]
+                latents = encode_latents(vae, torch.stack([self.dataset.pixels(i) for i in chunk])).float().cpu()
+                self.latents.update(zip(chunk, latents, strict=True))
+                flip_chunk = [i for i in chunk if self._needs_flip(i)]
+                if flip_chunk:
+                    pixels = torch.stack([self.dataset.pixels(i, flip=True) for i in flip_chunk])
+                    self.flipped.update(zip(flip_chunk, encode_latents(vae, pixels).float().cpu(), strict=True))
+                if self.to_disk:
+                    for index in chunk:
+                        self._save(index)
+
+    def _save(self, index: int) -> None:
+        tensors = {"latents": self.latents[index].contiguous()}
+        if index in self.flipped:
+            tensors["latents_flipped"] = self.flipped[index].contiguous()
+        metadata = {"fingerprint": self.fingerprint(index)}
+        path = cache_path(self.dataset.items[index].record.path)
+        try:
+            atomic_write(path, lambda temporary: save_file(tensors, str(temporary), metadata))
+        except OSError as error:
+            logger.warning("%s: cannot write the latent cache (%s); it stays in memory only", path, error.strerror)
