@@ -72,6 +72,16 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="kohya-compatible training from config_file.toml")
     train.add_argument("--config_file", required=True)
     train.add_argument("--dataset_config")
+    check = commands.add_parser("check-dataset", help="report what training would use: images, repeats, buckets, "
+                                "missing captions, duplicates, bad files (exit 1 if nothing is usable)")
+    check.add_argument("image_dir", nargs="?", help="a folder of images or of N_name subfolders (the old notebook's "
+                       "train_data_dir)")
+    check.add_argument("--dataset_config", help="a kohya dataset_config.toml instead of a folder")
+    check.add_argument("--config_file", help="also read config_file.toml (train_data_dir, batch size, resolution)")
+    check.add_argument("--resolution", default="512", help="for a folder: training resolution (512 or 512,768)")
+    check.add_argument("--batch_size", type=int, default=None, help="batch size for steps per epoch")
+    check.add_argument("--caption_extension", default=".txt", help="for a folder: caption file extension")
+    check.add_argument("--no_duplicates", action="store_true", help="skip the near-duplicate search")
     return parser
 
 
@@ -99,6 +109,29 @@ def _run_train(args, overrides: dict[str, Any]) -> int:
     return 0
 
 
+def _run_check_dataset(args) -> int:
+    from lycolab.config import load_config, read_dataset_config, validate_dataset
+    from lycolab.data.report import check_dataset, folder_datasets
+
+    batch_size = args.batch_size
+    if args.config_file:
+        overrides = {"train_data_dir": args.image_dir} if args.image_dir else {}
+        config = load_config(args.config_file, args.dataset_config, overrides)
+        datasets, batch_size = config.datasets, batch_size or config.train_batch_size
+    elif args.dataset_config:
+        datasets = read_dataset_config(args.dataset_config)
+        for dataset in datasets:
+            validate_dataset(dataset, args.dataset_config)
+    elif args.image_dir:
+        datasets = folder_datasets(args.image_dir, args.resolution, args.caption_extension)
+    else:
+        raise SystemExit("lycolab check-dataset: give an image folder, --dataset_config or --config_file")
+    logging.getLogger("lycolab.data").setLevel(logging.ERROR)  # the report lists skipped files itself
+    report = check_dataset(datasets, batch_size or 1, find_duplicates=not args.no_duplicates)
+    print(report.format())
+    return 0 if report.usable else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     from lycolab.config import ConfigError
     from lycolab.data.images import UnreadableImage
@@ -115,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "demo":
             return _run_demo(args)
+        if args.command == "check-dataset":
+            return _run_check_dataset(args)
         return _run_train(args, parse_overrides(extra))
     except (ConfigError, TrainingError, ModelLoadError, AdapterFileError, UnreadableImage) as error:
         print(f"error: {error}", file=sys.stderr)

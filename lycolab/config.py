@@ -231,7 +231,7 @@ def _coerce(value: Any, annotation: Any) -> Any:
             return [str(item) for item in value]
         raise TypeError
     if origin is tuple:
-        return _parse_resolution(value)
+        return parse_resolution(value)
     if annotation is bool:
         if isinstance(value, bool):
             return value
@@ -253,7 +253,7 @@ def _coerce(value: Any, annotation: Any) -> Any:
     raise TypeError
 
 
-def _parse_resolution(value: Any) -> tuple[int, int]:
+def parse_resolution(value: Any) -> tuple[int, int]:
     """sd-scripts accepts ``512``, ``"512"``, ``"512,768"`` and ``[512, 768]`` (width, height)."""
     if isinstance(value, bool):
         raise TypeError
@@ -467,7 +467,7 @@ def datasets_from_config_args(config: TrainConfig, source: str) -> list[DatasetC
     return [
         DatasetConfig(
             subsets=subsets,
-            resolution=_parse_resolution(config.resolution or "512"),
+            resolution=parse_resolution(config.resolution or "512"),
             enable_bucket=config.enable_bucket,
             min_bucket_reso=config.min_bucket_reso,
             max_bucket_reso=config.max_bucket_reso,

@@ -108,3 +108,33 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_saves(tiny_model_dir, tmp
     with pytest.raises(TrainingError, match="loss became nan at epoch 2"):
         trainer.train()
     assert [p.name for p in (tmp_path / "o").glob("*.safetensors")] == ["last-000001.safetensors"]
+
+
+def test_training_with_a_regularization_subset_flip_aug_and_disk_cache(tiny_model_dir, tmp_path):
+    import json
+
+    from safetensors import safe_open
+
+    train_dir = _make_dataset(tmp_path / "train")
+    reg_dir = tmp_path / "reg"
+    reg_dir.mkdir()
+    for index in range(2):
+        draw_shape_image((64, 64), "square", "red", "white").save(reg_dir / f"r{index}.png")
+    dataset_file = tmp_path / "dataset_config.toml"
+    dataset_file.write_text(
+        "[general]\nresolution = 64\ncaption_extension = \".txt\"\n[[datasets]]\nbatch_size = 2\n"
+        f"[[datasets.subsets]]\nimage_dir = \"{train_dir}\"\nnum_repeats = 2\nflip_aug = true\n"
+        f"[[datasets.subsets]]\nimage_dir = \"{reg_dir}\"\nis_reg = true\nclass_tokens = \"square\"\n",
+        encoding="utf-8")
+    config = load_config(dataset_config=dataset_file, overrides={
+        "pretrained_model_name_or_path": str(tiny_model_dir), "output_dir": str(tmp_path / "out"),
+        "output_name": "reg", "max_train_epochs": 1, "prior_loss_weight": 0.5, "cache_latents_to_disk": True,
+        "network_dim": 4, "save_precision": "float", "seed": 1,
+    })
+    result = train(config, progress=False)
+    assert result.total_steps == 8  # 4 images x 2 repeats + reg balanced to 8, batch 2
+    with safe_open(str(result.saved_files[-1]), "pt") as handle:
+        metadata = handle.metadata()
+    assert metadata["ss_num_reg_images"] == "8" and metadata["ss_prior_loss_weight"] == "0.5"
+    assert json.loads(metadata["ss_dataset_dirs"])
+    assert len(list(train_dir.glob("*.latents.safetensors"))) == 4 and len(list(reg_dir.glob("*.latents.*"))) == 2

@@ -39,9 +39,13 @@ class BucketedDataset:
         self.skipped: list[str] = []
         for dataset_index, dataset in enumerate(datasets):
             manager = BucketManager(dataset)
-            items = [item for subset in dataset.subsets for record in scan_subset(subset)
-                     if (item := self._usable(record, manager, dataset_index)) is not None]
-            self.items += balance_regularization(items)
+            for subset in dataset.subsets:
+                items = [item for record in scan_subset(subset)
+                         if (item := self._usable(record, manager, dataset_index)) is not None]
+                _warn_missing_captions(subset, items)
+                self.items += items
+        self.items = [item for index in range(len(datasets)) for item in
+                      balance_regularization([item for item in self.items if item.dataset_index == index])]
 
     def _usable(self, record: ImageRecord, manager: BucketManager, dataset_index: int) -> TrainItem | None:
         """The record with its bucket, or None (and one warning naming the file and reason) if it cannot be used."""
@@ -126,6 +130,14 @@ class BucketedDataset:
             logger.info("mean ar error (without repeats): %.4f", mean_error)
         if self.skipped:
             logger.warning("%d file(s) skipped as unreadable", len(self.skipped))
+
+
+def _warn_missing_captions(subset, items: list[TrainItem]) -> None:
+    missing = [item.record.path.name for item in items if not item.record.has_caption]
+    if missing and not subset.class_tokens:
+        logger.warning("%s: %d image(s) have no %s caption and no class_tokens, training them with an empty "
+                       "caption: %s%s", subset.image_dir, len(missing), subset.caption_extension,
+                       ", ".join(missing[:5]), " …" if len(missing) > 5 else "")
 
 
 def balance_regularization(items: list[TrainItem]) -> list[TrainItem]:

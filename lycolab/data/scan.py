@@ -24,6 +24,7 @@ class ImageRecord:
     num_repeats: int
     is_reg: bool
     subset: SubsetConfig
+    has_caption: bool = True
 
 
 def list_images(directory: str | Path) -> list[Path]:
@@ -80,18 +81,11 @@ def read_caption(image_path: Path, subset: SubsetConfig) -> str | None:
 
 
 def scan_subset(subset: SubsetConfig) -> list[ImageRecord]:
-    """Records for a subset's images; a missing caption falls back to class_tokens (or empty, with a warning)."""
+    """Records for a subset's images; a missing caption falls back to class_tokens (or empty)."""
     records = []
-    missing = []
     for image_path in list_images(subset.image_dir):
         caption = read_caption(image_path, subset)
-        if caption is None:
-            missing.append(image_path.name)
-            caption = subset.class_tokens or ""
-        records.append(ImageRecord(image_path, caption, subset.num_repeats, subset.is_reg, subset))
-    if missing and not subset.class_tokens:
-        logger.warning(
-            "%s: %d image(s) have no %s caption and no class_tokens, training them with an empty caption: %s",
-            subset.image_dir, len(missing), subset.caption_extension, ", ".join(missing[:5]),
-        )
+        has_caption = caption is not None
+        records.append(ImageRecord(image_path, caption if has_caption else subset.class_tokens or "",
+                                   subset.num_repeats, subset.is_reg, subset, has_caption))
     return records
