@@ -126,8 +126,13 @@ def _run_check_dataset(args) -> int:
         datasets = folder_datasets(args.image_dir, args.resolution, args.caption_extension)
     else:
         raise SystemExit("lycolab check-dataset: give an image folder, --dataset_config or --config_file")
-    logging.getLogger("lycolab.data").setLevel(logging.ERROR)  # the report lists skipped files itself
-    report = check_dataset(datasets, batch_size or 1, find_duplicates=not args.no_duplicates)
+    data_logger = logging.getLogger("lycolab.data")
+    level = data_logger.level
+    data_logger.setLevel(logging.ERROR)  # the report lists skipped files itself
+    try:
+        report = check_dataset(datasets, batch_size or 1, find_duplicates=not args.no_duplicates)
+    finally:
+        data_logger.setLevel(level)
     print(report.format())
     return 0 if report.usable else 1
 

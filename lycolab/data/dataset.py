@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -37,25 +39,27 @@ class BucketedDataset:
         self.seed = seed
         self.items: list[TrainItem] = []
         self.skipped: list[str] = []
-        for dataset_index, dataset in enumerate(datasets):
-            manager = BucketManager(dataset)
-            for subset in dataset.subsets:
-                items = [item for record in scan_subset(subset)
-                         if (item := self._usable(record, manager, dataset_index)) is not None]
-                _warn_missing_captions(subset, items)
-                self.items += items
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # decoding releases the GIL
+            for dataset_index, dataset in enumerate(datasets):
+                manager = BucketManager(dataset)
+                for subset in dataset.subsets:
+                    records = scan_subset(subset)
+                    items = [self._usable(record, size, manager, dataset_index)
+                             for record, size in zip(records, pool.map(_size_or_error, records), strict=True)]
+                    items = [item for item in items if item is not None]
+                    _warn_missing_captions(subset, items)
+                    self.items += items
         self.items = [item for index in range(len(datasets)) for item in
                       balance_regularization([item for item in self.items if item.dataset_index == index])]
 
-    def _usable(self, record: ImageRecord, manager: BucketManager, dataset_index: int) -> TrainItem | None:
+    def _usable(self, record: ImageRecord, size: tuple[int, int] | UnreadableImage, manager: BucketManager,
+                dataset_index: int) -> TrainItem | None:
         """The record with its bucket, or None (and one warning naming the file and reason) if it cannot be used."""
-        try:
-            width, height = verified_size(record.path)
-        except UnreadableImage as error:
-            logger.warning("skipping %s", error)
-            self.skipped.append(str(error))
+        if isinstance(size, UnreadableImage):
+            logger.warning("skipping %s", size)
+            self.skipped.append(str(size))
             return None
-        return TrainItem(record, manager.select(width, height), dataset_index)
+        return TrainItem(record, manager.select(*size), dataset_index)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -130,6 +134,14 @@ class BucketedDataset:
             logger.info("mean ar error (without repeats): %.4f", mean_error)
         if self.skipped:
             logger.warning("%d file(s) skipped as unreadable", len(self.skipped))
+
+
+def _size_or_error(record: ImageRecord) -> tuple[int, int] | UnreadableImage:
+    """Every image is decoded once here, so a broken file is found before training, not in the middle of it."""
+    try:
+        return verified_size(record.path)
+    except UnreadableImage as error:
+        return error
 
 
 def _warn_missing_captions(subset, items: list[TrainItem]) -> None:
