@@ -82,6 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--batch_size", type=int, default=None, help="batch size for steps per epoch")
     check.add_argument("--caption_extension", default=".txt", help="for a folder: caption file extension")
     check.add_argument("--no_duplicates", action="store_true", help="skip the near-duplicate search")
+    fetch = commands.add_parser("download", help="a base model or VAE: preset name, hub repo or file, URL, or "
+                                "Civitai model (civitai:ID); resumable, checked, atomic")
+    fetch.add_argument("source", help="e.g. sd15, anything-v5, anime-vae, owner/repo, owner/repo/file.safetensors, "
+                       "https://…, civitai:9409 (--list shows the presets)", nargs="?")
+    fetch.add_argument("--to", default="models", help="destination folder")
+    fetch.add_argument("--sha256", help="expected checksum, when known")
+    fetch.add_argument("--list", action="store_true", help="list the presets and exit")
     return parser
 
 
@@ -137,9 +144,21 @@ def _run_check_dataset(args) -> int:
     return 0 if report.usable else 1
 
 
+def _run_download(args) -> int:
+    from lycolab.models.download import download, load_presets
+
+    if args.list or not args.source:
+        for name, preset in load_presets().items():
+            print(f"{name:<16} {preset.kind:<5} {preset.description}")
+        return 0
+    print(download(args.source, args.to, sha256=args.sha256))  # tokens come from HF_TOKEN / CIVITAI_TOKEN only
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from lycolab.config import ConfigError
     from lycolab.data.images import UnreadableImage
+    from lycolab.models.download import DownloadError
     from lycolab.models.load import ModelLoadError
     from lycolab.networks import AdapterFileError
     from lycolab.training import TrainingError
@@ -155,8 +174,10 @@ def main(argv: list[str] | None = None) -> int:
             return _run_demo(args)
         if args.command == "check-dataset":
             return _run_check_dataset(args)
+        if args.command == "download":
+            return _run_download(args)
         return _run_train(args, parse_overrides(extra))
-    except (ConfigError, TrainingError, ModelLoadError, AdapterFileError, UnreadableImage) as error:
+    except (ConfigError, TrainingError, ModelLoadError, AdapterFileError, UnreadableImage, DownloadError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
