@@ -89,7 +89,28 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--to", default="models", help="destination folder")
     fetch.add_argument("--sha256", help="expected checksum, when known")
     fetch.add_argument("--list", action="store_true", help="list the presets and exit")
+    generate = commands.add_parser("generate", help="images with adapters applied; prompts take kohya options "
+                                   "(--n negative --w --h --s steps --l CFG --d seed)")
+    _model_and_networks(generate)
+    generate.add_argument("--prompt", action="append", default=[], help='e.g. "1girl, solo --n lowres --s 28 --d 7"')
+    generate.add_argument("--prompt_file", help="a kohya sample-prompt file, one prompt per line")
+    generate.add_argument("--out", required=True, help="a .png for one prompt, else a folder")
+    generate.add_argument("--sampler", default="euler_a", help="euler_a, ddim, dpmsolver++, … (diffusers schedulers)")
+    generate.add_argument("--clip_skip", type=int)
+    generate.add_argument("--max_token_length", type=int, choices=(75, 150, 225))
+    generate.add_argument("--v_parameterization", action="store_true")
+    merge = commands.add_parser("merge", help="bake adapters (with ratios) into the model, saved as a diffusers "
+                                "folder")
+    _model_and_networks(merge)
+    merge.add_argument("--out", required=True, help="folder for the merged model")
     return parser
+
+
+def _model_and_networks(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="base model: a diffusers folder or hub id")
+    parser.add_argument("--network", action="append", default=[], help="adapter file, optionally with a ratio: "
+                        "x.safetensors:0.8 (repeatable)")
+    parser.add_argument("--vae", help="another VAE (diffusers folder)")
 
 
 def _run_demo(args) -> int:
@@ -155,6 +176,32 @@ def _run_download(args) -> int:
     return 0
 
 
+def _run_generate(args) -> int:
+    from pathlib import Path
+
+    from lycolab.models.generate import generate, parse_network_spec
+
+    prompts = list(args.prompt)
+    if args.prompt_file:
+        prompts += Path(args.prompt_file).read_text(encoding="utf-8").splitlines()
+    if not any(line.strip() and not line.lstrip().startswith("#") for line in prompts):
+        raise SystemExit("lycolab generate: give --prompt TEXT or --prompt_file FILE")
+    paths = generate(args.model, prompts, args.out, [parse_network_spec(spec) for spec in args.network],
+                     args.sampler, args.vae, args.clip_skip, args.max_token_length, args.v_parameterization)
+    for path in paths:
+        print(path)
+    return 0
+
+
+def _run_merge(args) -> int:
+    from lycolab.models.generate import merge_into_folder, parse_network_spec
+
+    if not args.network:
+        raise SystemExit("lycolab merge: give at least one --network FILE[:RATIO]")
+    print(merge_into_folder(args.model, [parse_network_spec(spec) for spec in args.network], args.out, args.vae))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from lycolab.config import ConfigError
     from lycolab.data.images import UnreadableImage
@@ -176,6 +223,10 @@ def main(argv: list[str] | None = None) -> int:
             return _run_check_dataset(args)
         if args.command == "download":
             return _run_download(args)
+        if args.command == "generate":
+            return _run_generate(args)
+        if args.command == "merge":
+            return _run_merge(args)
         return _run_train(args, parse_overrides(extra))
     except (ConfigError, TrainingError, ModelLoadError, AdapterFileError, UnreadableImage, DownloadError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -1,0 +1,83 @@
+"""Images from a base model with adapters applied at chosen ratios (``lycolab generate``), and baking adapters
+into a saved model (``lycolab merge``)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from lycolab.models.load import StableDiffusionParts, load_stable_diffusion
+
+
+def parse_network_spec(spec: str) -> tuple[Path, float]:
+    """``"file.safetensors:0.7"`` → (path, 0.7); without a ratio it is 1.0 (a Windows drive letter is not one)."""
+    path, separator, ratio = spec.rpartition(":")
+    if separator and path and not path.endswith(("\\", "/")) and _is_number(ratio):
+        return Path(path), float(ratio)
+    return Path(spec), 1.0
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def load_with_networks(model: str | Path, networks: Sequence[tuple[str | Path, float]], vae: str | Path | None = None,
+                       v_parameterization: bool = False, device: str | None = None) -> StableDiffusionParts:
+    """The base model with each adapter file applied at its ratio (U-Net and text encoder)."""
+    from lycolab.networks import load_network
+
+    parts = load_stable_diffusion(model, vae, v_parameterization)
+    for path, ratio in networks:
+        load_network(path, parts.unet, [parts.text_encoder], multiplier=ratio)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    for module in (parts.unet, parts.vae, parts.text_encoder):
+        module.to(device).eval()
+    return parts
+
+
+def generate(model: str | Path, prompts: Sequence[str], out: str | Path, networks: Sequence[tuple[str | Path, float]]
+             = (), sampler: str = "euler_a", vae: str | Path | None = None, clip_skip: int | None = None,
+             max_token_length: int | None = None, v_parameterization: bool = False) -> list[Path]:
+    """Render kohya-style prompt lines (``prompt --n neg --w 512 --h 768 --s 28 --l 7 --d 42``) to PNGs.
+
+    ``out`` is a ``.png`` path for one prompt, else a folder that gets ``image_00.png``, ``image_01.png`` …
+    """
+    from lycolab.training.sampling import SamplePrompt, generate_samples, parse_prompt_line
+
+    samples = [sample for line in prompts if (sample := parse_prompt_line(line, SamplePrompt(""))) is not None]
+    if not samples:
+        raise ValueError("no prompt given; pass --prompt or a prompt file")
+    parts = load_with_networks(model, networks, vae, v_parameterization)
+    out = Path(out)
+    single = out.suffix.lower() == ".png" and len(samples) == 1
+    folder = out.parent if single else out
+    paths = generate_samples(parts, samples, folder, out.stem if single else "image", sampler, clip_skip,
+                             max_token_length)
+    if single:
+        paths[0].replace(out)
+        return [out]
+    return paths
+
+
+def merge_into_folder(model: str | Path, networks: Sequence[tuple[str | Path, float]], out: str | Path,
+                      vae: str | Path | None = None) -> Path:
+    """Bake the adapters into the base model and save it as a diffusers folder (U-Net, text encoder, VAE,
+    tokenizer, scheduler) that any diffusers tool — and ``lycolab train`` — loads."""
+    from diffusers import StableDiffusionPipeline
+
+    from lycolab.networks.merge import merge_files
+
+    parts = load_stable_diffusion(model, vae)
+    merge_files(parts.unet, [parts.text_encoder], networks)
+    pipeline = StableDiffusionPipeline(vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
+                                       unet=parts.unet, scheduler=parts.noise_scheduler, safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
+    out = Path(out)
+    pipeline.save_pretrained(out, safe_serialization=True)
+    return out
