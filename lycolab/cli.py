@@ -99,10 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--clip_skip", type=int)
     generate.add_argument("--max_token_length", type=int, choices=(75, 150, 225))
     generate.add_argument("--v_parameterization", action="store_true")
-    merge = commands.add_parser("merge", help="bake adapters (with ratios) into the model, saved as a diffusers "
-                                "folder")
+    merge = commands.add_parser("merge", help="bake adapters (with ratios) into the model: a diffusers folder, or "
+                                "one A1111-layout file when --out ends in .safetensors")
     _model_and_networks(merge)
-    merge.add_argument("--out", required=True, help="folder for the merged model")
+    merge.add_argument("--out", required=True, help="folder, or NAME.safetensors for a single fp16 file")
     return parser
 
 
@@ -194,11 +194,11 @@ def _run_generate(args) -> int:
 
 
 def _run_merge(args) -> int:
-    from lycolab.models.generate import merge_into_folder, parse_network_spec
+    from lycolab.models.generate import merge_into_model, parse_network_spec
 
     if not args.network:
         raise SystemExit("lycolab merge: give at least one --network FILE[:RATIO]")
-    print(merge_into_folder(args.model, [parse_network_spec(spec) for spec in args.network], args.out, args.vae))
+    print(merge_into_model(args.model, [parse_network_spec(spec) for spec in args.network], args.out, args.vae))
     return 0
 
 

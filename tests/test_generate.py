@@ -59,3 +59,12 @@ def test_merge_bakes_the_adapter_into_a_loadable_folder(tiny_model_dir, adapter_
     assert main(["generate", "--model", str(tmp_path / "merged"), "--prompt", "x --w 64 --h 64 --s 2",
                  "--out", str(tmp_path / "out.png")]) == 0
     assert (tmp_path / "out.png").is_file()
+    # the same merge as one A1111-layout file, read back through the single-file loader
+    from lycolab.models.generate import merge_into_model
+    from lycolab.models.load import load_single_file
+
+    single = merge_into_model(tiny_model_dir, [(adapter_file, 0.5)], tmp_path / "merged.safetensors", dtype=None)
+    reloaded = load_single_file(single, config=tiny_model_dir)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.unet(sample, 10, context).sample, merged.unet(sample, 10, context).sample,
+                                   rtol=1e-4, atol=1e-5)

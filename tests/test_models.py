@@ -54,3 +54,25 @@ def test_long_prompts_are_encoded_in_chunks_of_75(tiny_sd):
         for length in (150, 225):
             states = encode_prompts(tiny_sd.text_encoder, tiny_sd.tokenizer, [prompt, "blue"], max_token_length=length)
             assert states.shape == (2, length + 2, 32)
+
+
+def test_long_prompt_chunks_are_each_wrapped_in_bos_and_eos(tiny_sd):
+    from lycolab.models.text import tokenize
+
+    prompt = ", ".join(f"word{index % 7} circle" for index in range(70))
+    ids = tokenize(tiny_sd.tokenizer, [prompt], 150)
+    bos, eos = ids[:, :1], ids[:, -1:]
+    with torch.no_grad():
+        first = tiny_sd.text_encoder(torch.cat([bos, ids[:, 1:76], eos], dim=1))[0]
+        second = tiny_sd.text_encoder(torch.cat([bos, ids[:, 76:151], eos], dim=1))[0]
+        expected = torch.cat([first[:, :1], first[:, 1:76], second[:, 1:76], second[:, 76:]], dim=1)
+        states = encode_prompts(tiny_sd.text_encoder, tiny_sd.tokenizer, [prompt], max_token_length=150)
+    assert (ids[0, 75] != tiny_sd.tokenizer.eos_token_id).item(), "the prompt must really cross the boundary"
+    torch.testing.assert_close(states, expected)
+
+
+def test_v2_style_tiny_model_is_detected_as_v2():
+    from lycolab.models.load import is_v2
+    from lycolab.models.tiny import build_tiny_sd
+
+    assert is_v2(build_tiny_sd(v2=True).unet) and not is_v2(build_tiny_sd().unet)

@@ -65,16 +65,20 @@ def generate(model: str | Path, prompts: Sequence[str], out: str | Path, network
     return paths
 
 
-def merge_into_folder(model: str | Path, networks: Sequence[tuple[str | Path, float]], out: str | Path,
-                      vae: str | Path | None = None) -> Path:
-    """Bake the adapters into the base model and save it as a diffusers folder (U-Net, text encoder, VAE,
-    tokenizer, scheduler) that any diffusers tool — and ``lycolab train`` — loads."""
+def merge_into_model(model: str | Path, networks: Sequence[tuple[str | Path, float]], out: str | Path,
+                     vae: str | Path | None = None, dtype: torch.dtype | None = torch.float16) -> Path:
+    """Bake the adapters into the base model and save it: ``out`` ending in ``.safetensors`` gives one
+    A1111-layout file (in ``dtype``), anything else a diffusers folder (U-Net, text encoder, VAE, tokenizer,
+    scheduler) that diffusers tools — and ``lycolab train`` — load."""
     from diffusers import StableDiffusionPipeline
 
+    from lycolab.models.export import export_single_file
     from lycolab.networks.merge import merge_files
 
     parts = load_stable_diffusion(model, vae)
     merge_files(parts.unet, [parts.text_encoder], networks)
+    if str(out).lower().endswith(".safetensors"):
+        return export_single_file(parts.unet, parts.vae, parts.text_encoder, out, dtype)
     pipeline = StableDiffusionPipeline(vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
                                        unet=parts.unet, scheduler=parts.noise_scheduler, safety_checker=None,
                                        feature_extractor=None, requires_safety_checker=False)

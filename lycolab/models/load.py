@@ -46,7 +46,14 @@ def load_stable_diffusion(model: str | Path, vae: str | Path | None = None, v_pa
         vae_model = _load_vae(vae) if vae else AutoencoderKL.from_pretrained(source, subfolder="vae")
     except OSError as error:
         raise ModelLoadError(f"{source}: cannot load the model ({_first_line(error)}); download it first") from None
+    _hint_v_parameterization(unet, source, v_parameterization)
     return StableDiffusionParts(unet, vae_model, text_encoder, tokenizer, training_scheduler(v_parameterization))
+
+
+def _hint_v_parameterization(unet, name: str, v_parameterization: bool) -> None:
+    if is_v2(unet) and not v_parameterization:
+        logger.info("%s: an SD 2.x model; if it is a 768-v model (e.g. v2-1_768), set v_parameterization = true",
+                    Path(name).name)
 
 
 def training_scheduler(v_parameterization: bool = False):
@@ -85,9 +92,7 @@ def load_single_file(path: str | Path, vae: str | Path | None = None, v_paramete
                                  "anything); convert it to .safetensors with a trusted tool first") from None
         raise ModelLoadError(f"{path}: cannot load the checkpoint ({_first_line(error)}); offline, give the "
                              "config of a diffusers folder of the same model type") from None
-    if is_v2(pipeline.unet) and not v_parameterization:
-        logger.info("%s: an SD 2.x model; if it is a 768-v model (e.g. v2-1_768), set v_parameterization = true",
-                    path.name)
+    _hint_v_parameterization(pipeline.unet, str(path), v_parameterization)
     vae_model = _load_vae(vae) if vae else pipeline.vae
     return StableDiffusionParts(pipeline.unet, vae_model, pipeline.text_encoder, pipeline.tokenizer,
                                 training_scheduler(v_parameterization))
