@@ -110,7 +110,9 @@ def _model_and_networks(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="base model: a diffusers folder or hub id")
     parser.add_argument("--network", action="append", default=[], help="adapter file, optionally with a ratio: "
                         "x.safetensors:0.8 (repeatable)")
-    parser.add_argument("--vae", help="another VAE (diffusers folder)")
+    parser.add_argument("--vae", help="another VAE (diffusers folder or single file)")
+    parser.add_argument("--model_config", help="for a single-file model offline: a diffusers folder of the same "
+                        "model type to take the configs from")
 
 
 def _run_demo(args) -> int:
@@ -187,7 +189,8 @@ def _run_generate(args) -> int:
     if not any(line.strip() and not line.lstrip().startswith("#") for line in prompts):
         raise SystemExit("lycolab generate: give --prompt TEXT or --prompt_file FILE")
     paths = generate(args.model, prompts, args.out, [parse_network_spec(spec) for spec in args.network],
-                     args.sampler, args.vae, args.clip_skip, args.max_token_length, args.v_parameterization)
+                     args.sampler, args.vae, args.clip_skip, args.max_token_length, args.v_parameterization,
+                     args.model_config)
     for path in paths:
         print(path)
     return 0
@@ -198,7 +201,8 @@ def _run_merge(args) -> int:
 
     if not args.network:
         raise SystemExit("lycolab merge: give at least one --network FILE[:RATIO]")
-    print(merge_into_model(args.model, [parse_network_spec(spec) for spec in args.network], args.out, args.vae))
+    networks = [parse_network_spec(spec) for spec in args.network]
+    print(merge_into_model(args.model, networks, args.out, args.vae, model_config=args.model_config))
     return 0
 
 

@@ -86,6 +86,8 @@ class TrainConfig:
     v2: bool = False
     v_parameterization: bool = False
     vae: str | None = None
+    # lycolab's own: the diffusers folder/hub id with configs for a single-file checkpoint (needed offline only)
+    model_config: str | None = None
     # network
     network_module: str = "networks.lora"
     network_dim: int | None = None
@@ -164,7 +166,7 @@ class TrainConfig:
 
 # Where each key goes when we write config_file.toml: the section names the old Kohya notebook used.
 CONFIG_SECTIONS: dict[str, tuple[str, ...]] = {
-    "model_arguments": ("pretrained_model_name_or_path", "v2", "v_parameterization", "vae"),
+    "model_arguments": ("pretrained_model_name_or_path", "v2", "v_parameterization", "vae", "model_config"),
     "additional_network_arguments": (
         "no_metadata", "unet_lr", "text_encoder_lr", "network_weights", "network_module", "network_dim",
         "network_alpha", "network_args", "network_dropout", "network_train_unet_only",

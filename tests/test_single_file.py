@@ -53,3 +53,32 @@ def test_sd2_checkpoints_are_recognised_by_their_openclip_text_encoder():
     assert is_v2_checkpoint(["model.diffusion_model.out.0.weight",
                              "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight"])
     assert not is_v2_checkpoint(["cond_stage_model.transformer.text_model.final_layer_norm.weight"])
+
+
+def test_lowram_places_each_part_on_the_device_as_it_loads(tiny_model_dir, tmp_path):
+    parts = load_stable_diffusion(tiny_model_dir, device="cpu", dtype=torch.bfloat16)
+    assert next(parts.unet.parameters()).dtype == torch.bfloat16
+    assert next(parts.text_encoder.parameters()).dtype == torch.bfloat16
+    assert next(parts.vae.parameters()).dtype == torch.float32  # the VAE overflows in half precision
+
+
+def test_generate_and_training_read_a_single_file_with_a_config_folder(tiny_model_dir, tmp_path):
+    from PIL import Image
+
+    from lycolab.cli import main
+    from lycolab.config import load_config
+    from lycolab.training import train
+
+    parts = load_stable_diffusion(tiny_model_dir)
+    path = export_single_file(parts.unet, parts.vae, parts.text_encoder, tmp_path / "tiny.safetensors", dtype=None)
+    assert main(["generate", "--model", str(path), "--model_config", str(tiny_model_dir), "--prompt",
+                 "x --w 64 --h 64 --s 2", "--out", str(tmp_path / "x.png")]) == 0
+    assert (tmp_path / "x.png").is_file()
+    (tmp_path / "data" / "2_thing").mkdir(parents=True)
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(tmp_path / "data" / "2_thing" / "a.png")
+    config = load_config(overrides={
+        "pretrained_model_name_or_path": str(path), "model_config": str(tiny_model_dir), "lowram": True,
+        "train_data_dir": str(tmp_path / "data"), "resolution": "64", "output_dir": str(tmp_path / "out"),
+        "max_train_steps": 2, "network_dim": 2,
+    })
+    assert train(config, progress=False).saved_files[-1].is_file()

@@ -28,11 +28,12 @@ def _is_number(text: str) -> bool:
 
 
 def load_with_networks(model: str | Path, networks: Sequence[tuple[str | Path, float]], vae: str | Path | None = None,
-                       v_parameterization: bool = False, device: str | None = None) -> StableDiffusionParts:
+                       v_parameterization: bool = False, device: str | None = None,
+                       model_config: str | Path | None = None) -> StableDiffusionParts:
     """The base model with each adapter file applied at its ratio (U-Net and text encoder)."""
     from lycolab.networks import load_network
 
-    parts = load_stable_diffusion(model, vae, v_parameterization)
+    parts = load_stable_diffusion(model, vae, v_parameterization, model_config)
     for path, ratio in networks:
         load_network(path, parts.unet, [parts.text_encoder], multiplier=ratio)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -43,7 +44,8 @@ def load_with_networks(model: str | Path, networks: Sequence[tuple[str | Path, f
 
 def generate(model: str | Path, prompts: Sequence[str], out: str | Path, networks: Sequence[tuple[str | Path, float]]
              = (), sampler: str = "euler_a", vae: str | Path | None = None, clip_skip: int | None = None,
-             max_token_length: int | None = None, v_parameterization: bool = False) -> list[Path]:
+             max_token_length: int | None = None, v_parameterization: bool = False,
+             model_config: str | Path | None = None) -> list[Path]:
     """Render kohya-style prompt lines (``prompt --n neg --w 512 --h 768 --s 28 --l 7 --d 42``) to PNGs.
 
     ``out`` is a ``.png`` path for one prompt, else a folder that gets ``image_00.png``, ``image_01.png`` …
@@ -53,7 +55,7 @@ def generate(model: str | Path, prompts: Sequence[str], out: str | Path, network
     samples = [sample for line in prompts if (sample := parse_prompt_line(line, SamplePrompt(""))) is not None]
     if not samples:
         raise ValueError("no prompt given; pass --prompt or a prompt file")
-    parts = load_with_networks(model, networks, vae, v_parameterization)
+    parts = load_with_networks(model, networks, vae, v_parameterization, model_config=model_config)
     out = Path(out)
     single = out.suffix.lower() == ".png" and len(samples) == 1
     folder = out.parent if single else out
@@ -66,7 +68,8 @@ def generate(model: str | Path, prompts: Sequence[str], out: str | Path, network
 
 
 def merge_into_model(model: str | Path, networks: Sequence[tuple[str | Path, float]], out: str | Path,
-                     vae: str | Path | None = None, dtype: torch.dtype | None = torch.float16) -> Path:
+                     vae: str | Path | None = None, dtype: torch.dtype | None = torch.float16,
+                     model_config: str | Path | None = None) -> Path:
     """Bake the adapters into the base model and save it: ``out`` ending in ``.safetensors`` gives one
     A1111-layout file (in ``dtype``), anything else a diffusers folder (U-Net, text encoder, VAE, tokenizer,
     scheduler) that diffusers tools — and ``lycolab train`` — load."""
@@ -75,7 +78,7 @@ def merge_into_model(model: str | Path, networks: Sequence[tuple[str | Path, flo
     from lycolab.models.export import export_single_file
     from lycolab.networks.merge import merge_files
 
-    parts = load_stable_diffusion(model, vae)
+    parts = load_stable_diffusion(model, vae, config=model_config)
     merge_files(parts.unet, [parts.text_encoder], networks)
     if str(out).lower().endswith(".safetensors"):
         return export_single_file(parts.unet, parts.vae, parts.text_encoder, out, dtype)

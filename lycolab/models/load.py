@@ -27,27 +27,42 @@ class StableDiffusionParts:
     noise_scheduler: object
 
 
-def load_stable_diffusion(model: str | Path, vae: str | Path | None = None, v_parameterization: bool = False
-                          ) -> StableDiffusionParts:
-    """U-Net, VAE, text encoder and tokenizer from a diffusers folder or hub id, plus sd-scripts' DDPM schedule."""
+def load_stable_diffusion(model: str | Path, vae: str | Path | None = None, v_parameterization: bool = False,
+                          config: str | Path | None = None, device: torch.device | str | None = None,
+                          dtype: torch.dtype | None = None) -> StableDiffusionParts:
+    """U-Net, VAE, text encoder and tokenizer from a diffusers folder, hub id or single file, plus sd-scripts' DDPM
+    schedule.
+
+    ``config`` is the diffusers folder (or hub id) holding the configs a single-file checkpoint needs offline.
+    ``device`` (sd-scripts' ``lowram``) moves each part there as soon as it is loaded, the U-Net and text encoder
+    cast to ``dtype``, so RAM never holds the whole model at once (the VAE stays float32: it overflows in fp16).
+    """
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     source = str(model)
     path = Path(source)
     if path.is_file():
-        return load_single_file(path, vae, v_parameterization)
+        parts = load_single_file(path, vae, v_parameterization, config)
+        for model_part, part_dtype in ((parts.unet, dtype), (parts.text_encoder, dtype), (parts.vae, None)):
+            _place(model_part, device, part_dtype)
+        return parts
     if path.is_dir() and not (path / "model_index.json").is_file() and not (path / "unet").is_dir():
         raise ModelLoadError(f"{path}: not a diffusers model folder (no model_index.json or unet/); check the path")
     try:
-        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet")
-        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder")
+        unet = _place(UNet2DConditionModel.from_pretrained(source, subfolder="unet"), device, dtype)
+        text_encoder = _place(CLIPTextModel.from_pretrained(source, subfolder="text_encoder"), device, dtype)
         tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
-        vae_model = _load_vae(vae) if vae else AutoencoderKL.from_pretrained(source, subfolder="vae")
+        vae_model = _place(_load_vae(vae) if vae else AutoencoderKL.from_pretrained(source, subfolder="vae"), device)
     except OSError as error:
         raise ModelLoadError(f"{source}: cannot load the model ({_first_line(error)}); download it first") from None
     _hint_v_parameterization(unet, source, v_parameterization)
     return StableDiffusionParts(unet, vae_model, text_encoder, tokenizer, training_scheduler(v_parameterization))
+
+
+def _place(model: torch.nn.Module, device: torch.device | str | None, dtype: torch.dtype | None = None
+           ) -> torch.nn.Module:
+    return model if device is None else model.to(device, dtype)
 
 
 def _hint_v_parameterization(unet, name: str, v_parameterization: bool) -> None:

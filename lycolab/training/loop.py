@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 SAVE_DTYPES = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, None: torch.float16}
 # Keys sd-scripts accepts that this version reads but does not act on yet; said once so nobody is misled.
-NOT_YET_ACTIVE = ("mem_eff_attn", "lowram", "save_state", "resume", "sample_every_n_steps",
+NOT_YET_ACTIVE = ("mem_eff_attn", "save_state", "resume", "sample_every_n_steps",
                   "save_last_n_epochs")
 
 
@@ -166,10 +166,11 @@ class Trainer:
 
     def _prepare_models(self) -> None:
         config = self.config
-        self.parts = load_stable_diffusion(config.pretrained_model_name_or_path, config.vae,
-                                           config.v_parameterization)
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
             self.accelerator.mixed_precision, torch.float32)
+        device = self.accelerator.device if config.lowram else None
+        self.parts = load_stable_diffusion(config.pretrained_model_name_or_path, config.vae,
+                                           config.v_parameterization, config.model_config, device, self.weight_dtype)
         _freeze(self.parts, self.accelerator.device, self.weight_dtype)
         _enable_attention(config, self.parts.unet)
         self.train_text_encoder = not config.network_train_unet_only
