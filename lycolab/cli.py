@@ -103,7 +103,39 @@ def build_parser() -> argparse.ArgumentParser:
                                 "one A1111-layout file when --out ends in .safetensors")
     _model_and_networks(merge)
     merge.add_argument("--out", required=True, help="folder, or NAME.safetensors for a single fp16 file")
+    tag = commands.add_parser("tag", help="WD1.4 tagger: danbooru-style tags for every image of a folder")
+    tag.add_argument("image_dir")
+    tag.add_argument("--model-dir", "--model_dir", dest="model_dir", default=None,
+                     help="folder with model.onnx + selected_tags.csv, or a hub repo id (default: "
+                     "SmilingWolf/wd-v1-4-convnextv2-tagger-v2)")
+    tag.add_argument("--threshold", type=float, default=0.35, help="general tags")
+    tag.add_argument("--character-threshold", "--character_threshold", dest="character_threshold", type=float,
+                     default=0.85)
+    tag.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=8)
+    tag.add_argument("--include-rating", "--include_rating", dest="include_rating", action="store_true")
+    tag.add_argument("--keep-underscores", "--keep_underscores", dest="keep_underscores", action="store_true")
+    _caption_options(tag, ".txt")
+    tag.add_argument("--undesired-tags", "--undesired_tags", dest="undesired_tags", default="",
+                     help="comma-separated; wildcards allowed (*_hair)")
+    tag.add_argument("--trigger-word", "--trigger_word", dest="trigger_word", help="put first, once")
+    tag.add_argument("--append", action="store_true", help="add the new tags to existing captions")
+    caption = commands.add_parser("caption", help="BLIP captions for every image of a folder")
+    caption.add_argument("image_dir")
+    caption.add_argument("--model", default="Salesforce/blip-image-captioning-large", help="hub id or folder")
+    caption.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=8)
+    caption.add_argument("--num-beams", "--num_beams", dest="num_beams", type=int, default=1)
+    caption.add_argument("--top-p", "--top_p", dest="top_p", type=float, help="nucleus sampling instead of beams")
+    caption.add_argument("--min-length", "--min_length", dest="min_length", type=int, default=5)
+    caption.add_argument("--max-length", "--max_length", dest="max_length", type=int, default=75)
+    caption.add_argument("--prefix", default="")
+    caption.add_argument("--suffix", default="")
+    _caption_options(caption, ".caption")
     return parser
+
+
+def _caption_options(parser: argparse.ArgumentParser, extension: str) -> None:
+    parser.add_argument("--caption-extension", "--caption_extension", dest="caption_extension", default=extension)
+    parser.add_argument("--overwrite", action="store_true", help="replace existing captions (default: keep them)")
 
 
 def _model_and_networks(parser: argparse.ArgumentParser) -> None:
@@ -206,6 +238,32 @@ def _run_merge(args) -> int:
     return 0
 
 
+def _run_tag(args) -> int:
+    from lycolab.annotate.tags import split_tags
+    from lycolab.annotate.wd14 import DEFAULT_REPO, tag_folder
+
+    if args.append and args.overwrite:
+        raise SystemExit("lycolab tag: --append and --overwrite exclude each other")
+    mode = "append" if args.append else "overwrite" if args.overwrite else "skip"
+    result = tag_folder(args.image_dir, args.model_dir or DEFAULT_REPO, args.threshold, args.character_threshold,
+                        args.batch_size, args.caption_extension, args.include_rating, not args.keep_underscores,
+                        split_tags(args.undesired_tags), args.trigger_word, mode)
+    print(f"tagged {len(result.written)} image(s); kept {len(result.kept_existing)} existing caption(s); "
+          f"skipped {len(result.bad_files)} unreadable file(s)")
+    return 0
+
+
+def _run_caption(args) -> int:
+    from lycolab.annotate.blip import caption_folder
+
+    result = caption_folder(args.image_dir, args.model, args.batch_size, args.num_beams, args.top_p,
+                            args.min_length, args.max_length, args.prefix, args.suffix, args.caption_extension,
+                            args.overwrite)
+    print(f"captioned {len(result.written)} image(s); kept {len(result.kept_existing)} existing caption(s); "
+          f"skipped {len(result.bad_files)} unreadable file(s)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from lycolab.config import ConfigError
     from lycolab.data.images import UnreadableImage
@@ -231,8 +289,13 @@ def main(argv: list[str] | None = None) -> int:
             return _run_generate(args)
         if args.command == "merge":
             return _run_merge(args)
+        if args.command == "tag":
+            return _run_tag(args)
+        if args.command == "caption":
+            return _run_caption(args)
         return _run_train(args, parse_overrides(extra))
-    except (ConfigError, TrainingError, ModelLoadError, AdapterFileError, UnreadableImage, DownloadError) as error:
+    except (ConfigError, TrainingError, ModelLoadError, AdapterFileError, UnreadableImage, DownloadError,
+            ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
