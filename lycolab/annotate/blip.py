@@ -6,25 +6,13 @@ with ``min_length`` / ``max_length`` in tokens, batches, and an optional prefix/
 
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from lycolab.data.images import UnreadableImage, open_rgb
-from lycolab.data.scan import list_images
-
-logger = logging.getLogger(__name__)
+from lycolab.annotate.batches import AnnotationResult, caption_suffix, image_batches, images_to_annotate
 
 DEFAULT_MODEL = "Salesforce/blip-image-captioning-large"
-
-
-@dataclass
-class CaptionResult:
-    written: list[Path] = field(default_factory=list)
-    kept_existing: list[Path] = field(default_factory=list)
-    bad_files: list[str] = field(default_factory=list)
 
 
 def load_blip(model: str | Path = DEFAULT_MODEL, device: str | None = None):
@@ -45,7 +33,7 @@ def load_blip(model: str | Path = DEFAULT_MODEL, device: str | None = None):
 def caption_folder(folder: str | Path, model: str | Path = DEFAULT_MODEL, batch_size: int = 8, num_beams: int = 1,
                    top_p: float | None = None, min_length: int = 5, max_length: int = 75, prefix: str = "",
                    suffix: str = "", caption_extension: str = ".caption", overwrite: bool = False,
-                   progress: bool = True, loaded=None) -> CaptionResult:
+                   progress: bool = True, loaded=None) -> AnnotationResult:
     """Caption every image directly in ``folder``; existing captions are kept unless ``overwrite``.
 
     ``top_p`` switches from beam search to nucleus sampling. ``loaded`` may be a (processor, model) pair from
@@ -54,26 +42,14 @@ def caption_folder(folder: str | Path, model: str | Path = DEFAULT_MODEL, batch_
     from tqdm.auto import tqdm
 
     processor, blip = loaded or load_blip(model)
-    extension = caption_extension if caption_extension.startswith(".") else "." + caption_extension
-    result = CaptionResult()
-    pending = []
-    for image_path in list_images(folder):
-        target = image_path.with_suffix(extension)
-        if target.exists() and not overwrite:
-            result.kept_existing.append(target)
-        else:
-            pending.append(image_path)
+    extension = caption_suffix(caption_extension)
+    result = AnnotationResult()
+    pending = images_to_annotate(folder, extension, not overwrite, result)
     options = {"max_length": max_length, "min_length": min_length}
     options.update({"do_sample": True, "top_p": top_p} if top_p else {"num_beams": num_beams})
-    for start in tqdm(range(0, len(pending), batch_size), desc="captioning", disable=not progress):
-        images, paths = [], []
-        for image_path in pending[start : start + batch_size]:
-            try:
-                images.append(open_rgb(image_path))
-                paths.append(image_path)
-            except UnreadableImage as error:
-                logger.warning("skipping %s", error)
-                result.bad_files.append(str(error))
+    batches = image_batches(pending, batch_size, result)
+    for paths, images in tqdm(batches, total=-(-len(pending) // batch_size), desc="captioning",
+                              disable=not progress):
         if not images:
             continue
         inputs = processor(images=images, return_tensors="pt").to(blip.device)

@@ -10,28 +10,19 @@ from __future__ import annotations
 
 import csv
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from lycolab.annotate.batches import AnnotationResult, caption_suffix, image_batches, images_to_annotate
 from lycolab.annotate.tags import clean_caption, dedupe, join_tags, split_tags
-from lycolab.data.images import UnreadableImage, open_rgb
-from lycolab.data.scan import list_images
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_REPO = "SmilingWolf/wd-v1-4-convnextv2-tagger-v2"
 RATING, GENERAL, CHARACTER = 9, 0, 4
 WRITE_MODES = ("skip", "overwrite", "append")
-
-
-@dataclass
-class TaggingResult:
-    written: list[Path] = field(default_factory=list)
-    kept_existing: list[Path] = field(default_factory=list)
-    bad_files: list[str] = field(default_factory=list)
 
 
 class WD14Tagger:
@@ -88,7 +79,7 @@ class WD14Tagger:
 def tag_folder(folder: str | Path, model: str | Path | WD14Tagger = DEFAULT_REPO, general_threshold: float = 0.35,
                character_threshold: float = 0.85, batch_size: int = 8, caption_extension: str = ".txt",
                include_rating: bool = False, underscores_to_spaces: bool = True, undesired_tags: list[str] = (),
-               trigger_word: str | None = None, mode: str = "skip", progress: bool = True) -> TaggingResult:
+               trigger_word: str | None = None, mode: str = "skip", progress: bool = True) -> AnnotationResult:
     """Tag every image directly in ``folder`` and write ``<image><caption_extension>`` files.
 
     ``mode`` decides what happens to an existing caption: ``skip`` keeps it (default: nothing is ever lost),
@@ -100,32 +91,18 @@ def tag_folder(folder: str | Path, model: str | Path | WD14Tagger = DEFAULT_REPO
     if mode not in WRITE_MODES:
         raise ValueError(f"mode must be one of {', '.join(WRITE_MODES)}, got {mode!r}")
     tagger = model if isinstance(model, WD14Tagger) else WD14Tagger(model)
-    extension = caption_extension if caption_extension.startswith(".") else "." + caption_extension
-    result = TaggingResult()
-    pending = []
-    for image_path in list_images(folder):
-        if image_path.with_suffix(extension).exists() and mode == "skip":
-            result.kept_existing.append(image_path.with_suffix(extension))
-        else:
-            pending.append(image_path)
-    bar = tqdm(total=len(pending), desc="tagging", unit="image", disable=not progress)
-    for start in range(0, len(pending), batch_size):
-        images, paths = [], []
-        for image_path in pending[start : start + batch_size]:
-            try:
-                images.append(open_rgb(image_path))
-                paths.append(image_path)
-            except UnreadableImage as error:
-                logger.warning("skipping %s", error)
-                result.bad_files.append(str(error))
-        if images:
-            for image_path, probabilities in zip(paths, tagger.probabilities(images), strict=True):
-                tags = tagger.tags(probabilities, general_threshold, character_threshold, include_rating,
-                                   underscores_to_spaces)
-                result.written.append(_write_caption(image_path.with_suffix(extension), tags, mode,
-                                                     undesired_tags, trigger_word))
-        bar.update(len(pending[start : start + batch_size]))
-    bar.close()
+    extension = caption_suffix(caption_extension)
+    result = AnnotationResult()
+    pending = images_to_annotate(folder, extension, mode == "skip", result)
+    batches = image_batches(pending, batch_size, result)
+    for paths, images in tqdm(batches, total=-(-len(pending) // batch_size), desc="tagging", disable=not progress):
+        if not images:
+            continue
+        for image_path, probabilities in zip(paths, tagger.probabilities(images), strict=True):
+            tags = tagger.tags(probabilities, general_threshold, character_threshold, include_rating,
+                               underscores_to_spaces)
+            result.written.append(_write_caption(image_path.with_suffix(extension), tags, mode, undesired_tags,
+                                                 trigger_word))
     if result.kept_existing:
         logger.info("%d image(s) already had captions and were kept; use overwrite or append mode to change them",
                     len(result.kept_existing))
