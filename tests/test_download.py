@@ -139,3 +139,20 @@ def test_download_command_lists_presets_and_reports_errors_in_one_line(server, t
     assert main(["download", f"{server}/missing", "--to", str(tmp_path)]) == 2
     error = capsys.readouterr().err.strip()
     assert error.startswith("error: ") and "HTTP 404" in error and "\n" not in error
+
+
+def test_disk_full_is_reported_with_the_size_needed_and_can_resume(server, tmp_path, monkeypatch):
+    import errno
+    import io
+
+    import lycolab.models.download as download_module
+
+    class FullDisk(io.BytesIO):
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(download_module, "open", lambda *args, **kwargs: FullDisk(), raising=False)
+    with pytest.raises(DownloadError, match=r"disk full while downloading model.safetensors \(3.1 MB needed\)"):
+        download_url(f"{server}/files/model.safetensors", tmp_path, progress=False)
+    monkeypatch.undo()
+    assert download_url(f"{server}/files/model.safetensors", tmp_path, progress=False).read_bytes() == PAYLOAD

@@ -199,11 +199,15 @@ def _receive(response, partial: Path, offset: int, total: int | None, progress: 
     except OSError as error:
         if error.errno == errno.ENOSPC:
             raise DownloadError(f"{partial.parent}: disk full while downloading {name}"
-                                + (f" ({total / 1e9:.1f} GB needed)" if total else "")
+                                + (f" ({_human_size(total)} needed)" if total else "")
                                 + "; free space (or use another folder) and run again to resume") from None
         raise
     finally:
         bar.close()
+
+
+def _human_size(size: int) -> str:
+    return f"{size / 1e9:.1f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
 
 
 def _request(url: str, token: str | None, headers: dict[str, str] | None = None) -> urllib.request.Request:
