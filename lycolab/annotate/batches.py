@@ -11,7 +11,7 @@ from pathlib import Path
 from PIL import Image
 
 from lycolab.data.images import UnreadableImage, open_rgb
-from lycolab.data.scan import list_images
+from lycolab.data.scan import caption_suffix, list_images
 
 logger = logging.getLogger(__name__)
 
@@ -21,10 +21,6 @@ class AnnotationResult:
     written: list[Path] = field(default_factory=list)
     kept_existing: list[Path] = field(default_factory=list)
     bad_files: list[str] = field(default_factory=list)
-
-
-def caption_suffix(caption_extension: str) -> str:
-    return caption_extension if caption_extension.startswith(".") else "." + caption_extension
 
 
 def images_to_annotate(folder: str | Path, caption_extension: str, keep_existing: bool, result: AnnotationResult

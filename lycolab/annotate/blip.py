@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from lycolab.annotate.batches import AnnotationResult, caption_suffix, image_batches, images_to_annotate
+from lycolab.annotate.batches import AnnotationResult, image_batches, images_to_annotate
+from lycolab.data.scan import caption_suffix
 
 DEFAULT_MODEL = "Salesforce/blip-image-captioning-large"
 

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from lycolab.data.captions import split_tags
-from lycolab.data.scan import IMAGE_EXTENSIONS
+from lycolab.data.scan import IMAGE_EXTENSIONS, caption_suffix
 
 
 def join_tags(tags: Iterable[str]) -> str:
@@ -58,9 +58,8 @@ def clean_caption(caption: str, undesired: Iterable[str] = (), trigger_word: str
 
 def caption_files(folder: str | Path, caption_extension: str = ".txt") -> list[Path]:
     """The caption file of every image in ``folder`` (existing or not), sorted."""
-    extension = caption_extension if caption_extension.startswith(".") else "." + caption_extension
     images = sorted(path for path in Path(folder).iterdir() if path.suffix.lower() in IMAGE_EXTENSIONS)
-    return [image.with_suffix(extension) for image in images]
+    return [image.with_suffix(caption_suffix(caption_extension)) for image in images]
 
 
 def tag_frequency(folder: str | Path, caption_extension: str = ".txt") -> Counter:

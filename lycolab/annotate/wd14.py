@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from lycolab.annotate.batches import AnnotationResult, caption_suffix, image_batches, images_to_annotate
+from lycolab.annotate.batches import AnnotationResult, image_batches, images_to_annotate
 from lycolab.annotate.tags import clean_caption, dedupe, join_tags, split_tags
+from lycolab.data.scan import caption_suffix
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from lycolab.config import DatasetConfig, SubsetConfig
 from lycolab.data.dataset import BucketedDataset
 from lycolab.data.images import UnreadableImage, open_rgb
-from lycolab.data.scan import IMAGE_EXTENSIONS, discover_subsets
+from lycolab.data.scan import IMAGE_EXTENSIONS, caption_suffix, discover_subsets
 
 # Near-duplicates: 64-bit difference hashes at most this many bits apart (resized, recompressed or lightly edited).
 DUPLICATE_DISTANCE = 4
@@ -166,9 +166,8 @@ def unused_files(datasets: list[DatasetConfig]) -> list[Path]:
     companions: dict[str, set[str]] = {}
     for dataset in datasets:
         for subset in dataset.subsets:
-            extension = subset.caption_extension if subset.caption_extension.startswith(".") else \
-                "." + subset.caption_extension
-            companions.setdefault(subset.image_dir, set(KNOWN_COMPANIONS)).add(extension.lower())
+            companions.setdefault(subset.image_dir, set(KNOWN_COMPANIONS)).add(
+                caption_suffix(subset.caption_extension).lower())
     found = []
     for directory, known in companions.items():
         for path in sorted(Path(directory).iterdir()):

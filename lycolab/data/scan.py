@@ -70,10 +70,14 @@ def discover_subsets(root: str | Path, default_repeats: int | None = 1, class_to
     return subsets
 
 
+def caption_suffix(caption_extension: str) -> str:
+    """``"txt"`` and ``".txt"`` both mean ``".txt"`` (sd-scripts accepts either)."""
+    return caption_extension if caption_extension.startswith(".") else "." + caption_extension
+
+
 def read_caption(image_path: Path, subset: SubsetConfig) -> str | None:
     """The caption file beside the image (``caption_extension``), or None when there is none."""
-    extension = subset.caption_extension if subset.caption_extension.startswith(".") else "." + subset.caption_extension
-    caption_path = image_path.with_suffix(extension)
+    caption_path = image_path.with_suffix(caption_suffix(subset.caption_extension))
     if not caption_path.is_file():
         return None
     text = caption_path.read_text(encoding="utf-8", errors="replace")

@@ -7,10 +7,9 @@ else lives here so adding an algorithm touches one file.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from lycolab.networks.merged_weight import WORKSPACE, WeightGradient, merged_weight_forward
+from lycolab.networks.merged_weight import WORKSPACE, WeightGradient, layer_forward, merged_weight_forward
 
 
 class AdapterShapeError(ValueError):
@@ -88,10 +87,7 @@ class AdapterModule(nn.Module):
 
     def frozen_forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """The original layer's operation with another weight (its bias, stride and padding kept)."""
-        layer = self.org_module
-        if isinstance(layer, nn.Linear):
-            return F.linear(x, weight, layer.bias)
-        return F.conv2d(x, weight, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+        return layer_forward(self.org_module, x, weight, self.org_module.bias)
 
     def check_shape(self) -> None:
         """Raise :class:`AdapterShapeError` unless ΔW has the layer's weight shape."""

@@ -99,10 +99,7 @@ def layer_weight_grad(layer: nn.Module, x: torch.Tensor, grad_output: torch.Tens
         columns = F.unfold(x, layer.kernel_size, layer.dilation, layer.padding, layer.stride)  # (N, in·k·k, L)
         left = grad_output.flatten(2).transpose(0, 1).reshape(shape[0], -1)  # (out, N·L)
         return WeightGradient(left, columns.transpose(1, 2).reshape(-1, columns.shape[1]), shape)
-    full = torch.ops.aten.convolution_backward(
-        grad_output, x, layer.weight, None, list(layer.stride), list(layer.padding), list(layer.dilation), False,
-        [0, 0], layer.groups, [False, True, False],
-    )[1]
+    full = layer_backward(layer, x, layer.weight, grad_output, need_input=False, need_weight=True)[1]
     return WeightGradient(full.reshape(shape[0], -1), None, shape)
 
 
