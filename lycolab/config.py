@@ -30,7 +30,8 @@ logger = logging.getLogger(__name__)
 
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 SAVE_PRECISIONS = ("float", "fp16", "bf16")
-LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
+                 "adafactor")
 MAX_TOKEN_LENGTHS = (75, 150, 225)
 NETWORK_MODULES = ("networks.lora", "lycoris.kohya")
 ALGORITHMS = ("lora", "locon", "loha", "lokr")
@@ -135,8 +136,11 @@ class TrainConfig:
     save_precision: str | None = None
     save_model_as: str = "safetensors"
     save_every_n_epochs: int | None = None
+    save_every_n_steps: int | None = None
     save_last_n_epochs: int | None = None
+    save_last_n_steps: int | None = None
     save_state: bool = False
+    # a *-state folder, or "latest" for the newest one of this output_name in output_dir (none: start fresh)
     resume: str | None = None
     train_batch_size: int = 1
     max_token_length: int | None = None
@@ -153,6 +157,7 @@ class TrainConfig:
     logging_dir: str | None = None
     log_prefix: str | None = None
     noise_offset: float | None = None
+    min_snr_gamma: float | None = None
     lowram: bool = False
     prior_loss_weight: float = 1.0
     # sampling
@@ -183,10 +188,11 @@ CONFIG_SECTIONS: dict[str, tuple[str, ...]] = {
         "max_data_loader_n_workers", "persistent_data_loader_workers",
     ),
     "training_arguments": (
-        "output_dir", "output_name", "save_precision", "save_every_n_epochs", "save_last_n_epochs", "save_state",
-        "resume", "train_batch_size", "max_token_length", "mem_eff_attn", "xformers", "sdpa", "max_train_epochs",
+        "output_dir", "output_name", "save_precision", "save_every_n_epochs", "save_every_n_steps",
+        "save_last_n_epochs", "save_last_n_steps", "save_state", "resume", "train_batch_size", "max_token_length",
+        "mem_eff_attn", "xformers", "sdpa", "max_train_epochs",
         "max_train_steps", "seed", "gradient_checkpointing", "gradient_accumulation_steps", "mixed_precision",
-        "clip_skip", "logging_dir", "log_prefix", "noise_offset", "lowram",
+        "clip_skip", "logging_dir", "log_prefix", "noise_offset", "min_snr_gamma", "lowram",
     ),
     "sample_prompt_arguments": ("sample_every_n_steps", "sample_every_n_epochs", "sample_sampler", "sample_prompts"),
     "dreambooth_arguments": ("prior_loss_weight",),
@@ -530,8 +536,8 @@ def validate_config(config: TrainConfig, source: str) -> None:
     for key in ("train_batch_size", "max_train_steps", "gradient_accumulation_steps", "vae_batch_size",
                 "lr_scheduler_num_cycles"):
         _require(getattr(config, key) >= 1, source, f"{key} must be at least 1 (got {getattr(config, key)})")
-    for key in ("max_train_epochs", "save_every_n_epochs", "save_last_n_epochs", "sample_every_n_epochs",
-                "sample_every_n_steps", "clip_skip"):
+    for key in ("max_train_epochs", "save_every_n_epochs", "save_every_n_steps", "save_last_n_epochs",
+                "save_last_n_steps", "sample_every_n_epochs", "sample_every_n_steps", "clip_skip"):
         value = getattr(config, key)
         _require(value is None or value >= 1, source, f"{key} must be at least 1 (got {value})")
     _require(config.lr_warmup_steps >= 0, source, f"lr_warmup_steps must be >= 0 (got {config.lr_warmup_steps})")
@@ -566,6 +572,11 @@ def validate_config(config: TrainConfig, source: str) -> None:
         logger.warning("%s: network_args not used by %s: %s", source, config.network_module, ", ".join(unknown))
     if config.noise_offset is not None:
         _require(config.noise_offset >= 0, source, f"noise_offset must be >= 0 (got {config.noise_offset})")
+    if config.min_snr_gamma is not None:
+        _require(config.min_snr_gamma > 0, source,
+                 f"min_snr_gamma must be > 0 (got {config.min_snr_gamma}); 5 is usual")
+    _require(config.lr_scheduler != "adafactor" or config.optimizer_type.lower() == "adafactor", source,
+             'lr_scheduler "adafactor" only works with optimizer_type = "AdaFactor"')
 
 
 def validate_dataset(dataset: DatasetConfig, source: str) -> None:

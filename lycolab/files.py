@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,3 +26,45 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         temporary.unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_directory(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Let ``write`` fill a temporary folder beside ``path``, fsync its files, then rename it to ``path``.
+
+    A reader (a resumed run) therefore finds either no folder, the previous one, or the complete new one; a run
+    killed mid-write leaves only a hidden ``.NAME.partial`` folder that the next write replaces.
+    """
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.partial")
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir(parents=True)
+    try:
+        write(temporary)
+        for file in temporary.iterdir():
+            with file.open("rb") as handle:
+                os.fsync(handle.fileno())
+        if path.exists():
+            retired = path.with_name(f".{path.name}.old")
+            shutil.rmtree(retired, ignore_errors=True)
+            os.rename(path, retired)
+            os.rename(temporary, path)
+            shutil.rmtree(retired)
+        else:
+            os.rename(temporary, path)
+        _fsync_directory(path.parent)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    return path
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make a rename durable (POSIX); Windows cannot open folders and renames there are already durable enough."""
+    try:
+        descriptor = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)

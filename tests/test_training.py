@@ -7,6 +7,7 @@ from lycolab.demo import draw_shape_image
 from lycolab.models.load import load_stable_diffusion
 from lycolab.models.text import encode_prompts
 from lycolab.networks import load_network
+from lycolab.networks.io import read_adapter_file
 from lycolab.training import train
 from lycolab.training.latent_cache import encode_latents
 from lycolab.training.loop import plan_run
@@ -98,16 +99,18 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_saves(tiny_model_dir, tmp
         "train_batch_size": 4, "network_dim": 4,
     })
     trainer = Trainer(config, progress=False)
-    original = Trainer.loss_for_batch
+    original = Trainer.loss_sum
 
-    def poisoned(self, indices, epoch):
-        loss = original(self, indices, epoch)
+    def poisoned(self, indices, positions, epoch, *args):
+        loss = original(self, indices, positions, epoch, *args)
         return loss * float("nan") if epoch == 2 else loss
 
-    trainer.loss_for_batch = poisoned.__get__(trainer)
-    with pytest.raises(TrainingError, match="loss became nan at epoch 2"):
+    trainer.loss_sum = poisoned.__get__(trainer)
+    with pytest.raises(TrainingError, match="loss became nan at epoch 2, step 5; stopped, the last save is intact"):
         trainer.train()
     assert [p.name for p in (tmp_path / "o").glob("*.safetensors")] == ["last-000001.safetensors"]
+    weights, _ = read_adapter_file(tmp_path / "o" / "last-000001.safetensors")
+    assert all(torch.isfinite(value).all() for value in weights.values())
 
 
 def test_training_with_a_regularization_subset_flip_aug_and_disk_cache(tiny_model_dir, tmp_path):

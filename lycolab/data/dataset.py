@@ -74,15 +74,17 @@ class BucketedDataset:
     def num_images_with_repeats(self) -> int:
         return sum(item.record.num_repeats for item in self.items)
 
-    def batches_per_epoch(self) -> int:
-        """Batches in one epoch: each bucket's images (with repeats) split into batch-size chunks."""
+    def batches_per_epoch(self, processes: int = 1) -> int:
+        """Batches in one epoch: each bucket's images (with repeats) split into batch-size chunks (the batch size
+        times the number of training processes, which share each batch)."""
         return sum(
-            math.ceil(count / self.batch_sizes[dataset_index])
+            math.ceil(count / (self.batch_sizes[dataset_index] * processes))
             for (dataset_index, _), count in self.bucket_counts().items()
         )
 
-    def make_batches(self, epoch: int) -> list[list[int]]:
-        """Item indices per batch for this epoch: shuffled within each bucket, then batch order shuffled."""
+    def make_batches(self, epoch: int, processes: int = 1) -> list[list[int]]:
+        """Item indices per global batch for this epoch: shuffled within each bucket, then batch order shuffled.
+        With several training processes a global batch holds ``processes`` times the batch size."""
         rng = random.Random(self.seed * 1_000_003 + epoch)
         by_bucket: dict[tuple[int, tuple[int, int]], list[int]] = {}
         for index, item in enumerate(self.items):
@@ -91,7 +93,7 @@ class BucketedDataset:
         batches = []
         for (dataset_index, _), indices in sorted(by_bucket.items()):
             rng.shuffle(indices)
-            size = self.batch_sizes[dataset_index]
+            size = self.batch_sizes[dataset_index] * processes
             batches += [indices[start : start + size] for start in range(0, len(indices), size)]
         rng.shuffle(batches)
         return batches

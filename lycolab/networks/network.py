@@ -68,10 +68,11 @@ class AdapterNetwork(nn.Module):
     def parameter_groups(self, unet_lr: float | None, text_encoder_lr: float | None, default_lr: float) -> list[dict]:
         """Optimizer groups with sd-scripts' rule: unet_lr / text_encoder_lr fall back to learning_rate."""
         groups = []
-        for adapters, lr in ((self.unet_adapters, unet_lr), (self.text_encoder_adapters, text_encoder_lr)):
+        for name, adapters, lr in (("unet", self.unet_adapters, unet_lr),
+                                   ("textencoder", self.text_encoder_adapters, text_encoder_lr)):
             params = [param for adapter in adapters for param in adapter.parameters()]
             if params:
-                groups.append({"params": params, "lr": default_lr if lr is None else lr})
+                groups.append({"params": params, "lr": default_lr if lr is None else lr, "name": name})
         return groups
 
     def network_args(self) -> dict[str, str]:

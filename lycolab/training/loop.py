@@ -1,12 +1,18 @@
-"""The training loop: frozen SD, trainable adapter, accelerate for device/precision, kohya's epochs and saves."""
+"""The training loop: frozen SD, trainable adapter, accelerate for device/precision, kohya's epochs and saves.
+
+Randomness comes from streams keyed by the run's seed and the position in the run (``training.seeds``), and the
+state saved with ``save_state`` holds everything else that changes (adapter, optimizer, scheduler, torch RNG for
+dropout, loss history). So a run killed at any point and resumed from its last state ends with exactly the weights
+of an uninterrupted run, and N processes sharing each global batch compute what one process would.
+"""
 
 from __future__ import annotations
 
 import logging
 import math
-import random
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,20 +25,24 @@ from lycolab.models.text import encode_prompts
 from lycolab.networks import AdapterNetwork, create_network, load_network
 from lycolab.networks.args import network_kwargs
 from lycolab.networks.merged_weight import WORKSPACE
+from lycolab.training import checkpoints, distributed
+from lycolab.training.callbacks import TrainingCallback
 from lycolab.training.history import LossHistory
 from lycolab.training.latent_cache import LatentCache, encode_latents
-from lycolab.training.loss import sample_noise, training_target, weighted_mse
+from lycolab.training.logs import TrainingLog
+from lycolab.training.loss import batch_noise, min_snr_weights, per_sample_mse, training_target
 from lycolab.training.metadata import training_metadata
-from lycolab.training.optim import build_optimizer
-from lycolab.training.sampling import SamplePrompt, generate_samples, read_prompt_file
+from lycolab.training.optim import build_optimizer, parse_optimizer_args
+from lycolab.training.sampling import SamplePrompt, generate_samples, make_grid, read_prompt_file
 from lycolab.training.schedule import build_lr_scheduler
+from lycolab.training.seeds import python_rng, torch_generator
+from lycolab.training.state import StateError, TrainingState, find_latest_state, load_state, pack, save_state, unpack
+from lycolab.training.state import state_dir_name as state_name
 
 logger = logging.getLogger(__name__)
 
 SAVE_DTYPES = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, None: torch.float16}
-# Keys sd-scripts accepts that this version reads but does not act on yet; said once so nobody is misled.
-NOT_YET_ACTIVE = ("mem_eff_attn", "save_state", "resume", "sample_every_n_steps",
-                  "save_last_n_epochs")
+OUT_OF_MEMORY_MARKERS = ("out of memory", "can't allocate memory", "not enough memory")
 
 
 class TrainingError(RuntimeError):
@@ -44,13 +54,18 @@ class TrainResult:
     """What a run left on disk, for the CLI, the notebooks and tests."""
 
     saved_files: list[Path] = field(default_factory=list)
+    state_dirs: list[Path] = field(default_factory=list)
     sample_files: list[Path] = field(default_factory=list)
+    grid_files: list[Path] = field(default_factory=list)
     loss_plot: Path | None = None
     loss_csv: Path | None = None
+    loss_jsonl: Path | None = None
+    tensorboard_dir: Path | None = None
     history: LossHistory = field(default_factory=LossHistory)
     total_steps: int = 0
     epochs: int = 0
     seconds: float = 0.0
+    resumed_from: Path | None = None
 
 
 @dataclass
@@ -63,8 +78,8 @@ class RunPlan:
     total_steps: int
 
 
-def plan_run(config: TrainConfig, dataset: BucketedDataset) -> RunPlan:
-    batches = dataset.batches_per_epoch()
+def plan_run(config: TrainConfig, dataset: BucketedDataset, processes: int = 1) -> RunPlan:
+    batches = dataset.batches_per_epoch(processes)
     steps_per_epoch = math.ceil(batches / config.gradient_accumulation_steps)
     if config.max_train_epochs:
         total = config.max_train_epochs * steps_per_epoch
@@ -80,15 +95,7 @@ def _make_accelerator(config: TrainConfig):
     if precision == "fp16" and not torch.cuda.is_available():
         logger.warning("mixed_precision fp16 needs a GPU; training in fp32 on this CPU (use bf16 for CPU autocast)")
         precision = "no"
-    return Accelerator(mixed_precision=precision, gradient_accumulation_steps=config.gradient_accumulation_steps,
-                       cpu=not torch.cuda.is_available())
-
-
-def _warn_inactive(config: TrainConfig) -> None:
-    defaults = TrainConfig()
-    inactive = [key for key in NOT_YET_ACTIVE if getattr(config, key) != getattr(defaults, key)]
-    if inactive:
-        logger.warning("not active in this version, ignored: %s", ", ".join(inactive))
+    return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
 
 
 def _build_network(config: TrainConfig, parts: StableDiffusionParts, train_text_encoder: bool) -> AdapterNetwork:
@@ -111,58 +118,117 @@ def _freeze(parts: StableDiffusionParts, device: torch.device, weight_dtype: tor
 
 
 def _enable_attention(config: TrainConfig, unet) -> None:
-    if not config.xformers:
-        return
-    try:
-        unet.enable_xformers_memory_efficient_attention()
-        logger.info("xformers attention enabled")
-    except Exception as error:  # xformers missing or no GPU: PyTorch SDPA is the default and nearly as fast
-        logger.info("xformers unavailable (%s); using PyTorch scaled-dot-product attention", type(error).__name__)
+    """xformers when asked and present; otherwise PyTorch SDPA, whose memory-efficient kernel is what
+    ``mem_eff_attn`` asks for (diffusers' default processor on torch 2)."""
+    if config.xformers:
+        try:
+            unet.enable_xformers_memory_efficient_attention()
+            logger.info("xformers attention enabled")
+            return
+        except Exception as error:  # xformers missing or no GPU: SDPA is nearly as fast
+            logger.info("xformers unavailable (%s); using PyTorch scaled-dot-product attention", type(error).__name__)
+    if config.xformers or config.mem_eff_attn or config.sdpa:
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        unet.set_attn_processor(AttnProcessor2_0())
+
+
+def _out_of_memory_message(config: TrainConfig, error: BaseException) -> str | None:
+    if not isinstance(error, (torch.OutOfMemoryError, MemoryError)) and not any(
+            marker in str(error).lower() for marker in OUT_OF_MEMORY_MARKERS):
+        return None
+    width, height = config.datasets[0].resolution if config.datasets else (0, 0)
+    lower = [f"train_batch_size (now {config.train_batch_size})", f"resolution (now {width}x{height})"]
+    if not config.gradient_checkpointing:
+        lower.append("or set gradient_checkpointing = true")
+    if config.mixed_precision == "no" and torch.cuda.is_available():
+        lower.append('mixed_precision = "fp16"')
+    if not (config.xformers or config.sdpa or config.mem_eff_attn):
+        lower.append("sdpa = true")
+    return "out of memory: lower " + ", ".join(lower)
 
 
 class Trainer:
     """One training run; ``train()`` is the loop, the rest are its steps, each short enough to read at once."""
 
     def __init__(self, config: TrainConfig, on_step: Callable[[int, float], None] | None = None,
-                 progress: bool = True):
+                 progress: bool = True, callbacks: Iterable[TrainingCallback] = ()):
         self.config = config
         self.on_step = on_step
         self.progress = progress
+        self.callbacks = list(callbacks)
         self.result = TrainResult()
+        self.name = config.output_name or "last"
+        self.log: TrainingLog | None = None
 
+    # ------------------------------------------------------------------------------------------------ setting up
     def setup(self) -> None:
-        """Everything that can fail on user input runs first (config, data, prompts), before any model loads."""
+        """Everything that can fail on user input runs first (config, state, data, prompts), before models load."""
         config = self.config
         if not config.pretrained_model_name_or_path:
             raise TrainingError("pretrained_model_name_or_path is not set; run the model download step first")
         if not config.output_dir:
             raise TrainingError("output_dir is not set; set it in config_file.toml")
-        _warn_inactive(config)
         self.accelerator = _make_accelerator(config)
-        if config.seed is not None:
-            from accelerate.utils import set_seed
+        self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
+        self.is_main = self.accelerator.is_main_process
+        resume = self._read_resume_state()
+        self.seed = distributed.broadcast_int(self._run_seed(resume))
+        from accelerate.utils import set_seed
 
-            set_seed(config.seed)
+        set_seed(self.seed)
         self._prepare_data()
         self._prepare_models()
         self._prepare_optimizer()
-        caching = config.cache_latents or config.cache_latents_to_disk
-        self.latent_cache = (LatentCache(self.dataset, self.parts.vae, config.vae_batch_size,
-                                         config.cache_latents_to_disk) if caching else None)
-        logger.info("num batches per epoch: %d, num epochs: %d, batch size: %d, gradient accumulation: %d, "
-                    "total optimization steps: %d", self.plan.batches_per_epoch, self.plan.epochs,
-                    config.train_batch_size, config.gradient_accumulation_steps, self.plan.total_steps)
+        self.position = (0, 1, 0)  # (step, epoch, next batch of that epoch)
+        if resume is not None:
+            self._restore(resume)
+        distributed.broadcast_module(self.network)
+        self._prepare_latent_cache()
+        self.log = self._open_log() if self.is_main else None
+        logger.info("num batches per epoch: %d, num epochs: %d, batch size: %d x %d processes, gradient "
+                    "accumulation: %d, total optimization steps: %d, seed: %d", self.plan.batches_per_epoch,
+                    self.plan.epochs, config.train_batch_size, self.world, config.gradient_accumulation_steps,
+                    self.plan.total_steps, self.seed)
+
+    def _run_seed(self, resume: TrainingState | None) -> int:
+        if resume is not None:
+            return resume.seed
+        if self.config.seed is not None:
+            return self.config.seed
+        return int.from_bytes(os.urandom(4), "little")  # recorded in the state and the metadata
+
+    def _read_resume_state(self) -> TrainingState | None:
+        resume = self.config.resume
+        if not resume:
+            return None
+        if resume == "latest":
+            folder = find_latest_state(self.config.output_dir, self.name) if Path(self.config.output_dir).is_dir() \
+                else None
+            if folder is None:
+                logger.info("resume = latest: no %s-*state folder in %s yet, starting from the beginning",
+                            self.name, self.config.output_dir)
+                return None
+        else:
+            folder = Path(resume)
+        try:
+            state = load_state(folder)
+        except StateError as error:
+            raise TrainingError(str(error)) from None
+        self.result.resumed_from = folder
+        logger.info("resuming from %s (step %d, epoch %d)", folder, state.step, state.epoch)
+        return state
 
     def _prepare_data(self) -> None:
         config = self.config
-        self.rng = random.Random(config.seed or 0)
-        self.dataset = BucketedDataset(config.datasets, config.train_batch_size, seed=config.seed or 0)
+        self.dataset = BucketedDataset(config.datasets, config.train_batch_size, seed=self.seed)
         self.dataset.log_summary()
         if len(self.dataset) == 0:
             raise TrainingError("no usable images in the dataset; check image_dir and the skipped-file warnings")
-        self.plan = plan_run(config, self.dataset)
+        self.plan = plan_run(config, self.dataset, self.world)
         self.sample_prompts = self._read_sample_prompts()
         self.metadata = training_metadata(config, self.dataset)
+        self.metadata["ss_seed"] = str(self.seed)
 
     def _prepare_models(self) -> None:
         config = self.config
@@ -180,15 +246,39 @@ class Trainer:
             self.parts.unet.train()
         self.network.to(self.accelerator.device, dtype=torch.float32)
         self.network.requires_grad_(True)
+        self.parameters = [p for p in self.network.parameters() if p.requires_grad]
 
     def _prepare_optimizer(self) -> None:
         config = self.config
         groups = self.network.parameter_groups(config.unet_lr, config.text_encoder_lr, config.learning_rate)
-        optimizer = build_optimizer(config.optimizer_type, groups, config.learning_rate, config.optimizer_args)
-        scheduler = build_lr_scheduler(config.lr_scheduler, optimizer, config.lr_warmup_steps,
-                                       self.plan.total_steps * self.accelerator.num_processes,
-                                       config.lr_scheduler_num_cycles, config.lr_scheduler_power)
-        self.optimizer, self.lr_scheduler = self.accelerator.prepare(optimizer, scheduler)
+        self.group_names = [group["name"] for group in groups]
+        choice = build_optimizer(config.optimizer_type, groups, config.learning_rate, config.optimizer_args)
+        self.optimizer_name = choice.name
+        optimizer_class = type(choice.optimizer)
+        arguments = ",".join(f"{key}={value}" for key, value in parse_optimizer_args(config.optimizer_args).items())
+        self.metadata["ss_optimizer"] = f"{optimizer_class.__module__}.{optimizer_class.__name__}({arguments})"
+        scheduler_name = choice.forced_scheduler or config.lr_scheduler
+        self.lr_scheduler = build_lr_scheduler(scheduler_name, choice.optimizer, config.lr_warmup_steps,
+                                               self.plan.total_steps, config.lr_scheduler_num_cycles,
+                                               config.lr_scheduler_power, config.learning_rate)
+        self.metadata["ss_lr_scheduler"] = scheduler_name
+        self.optimizer = self.accelerator.prepare(choice.optimizer)
+
+    def _prepare_latent_cache(self) -> None:
+        config = self.config
+        self.latent_cache = None
+        if config.cache_latents or config.cache_latents_to_disk:
+            with self.accelerator.main_process_first():  # one process writes disk caches, the others read them
+                self.latent_cache = LatentCache(self.dataset, self.parts.vae, config.vae_batch_size,
+                                                config.cache_latents_to_disk)
+
+    def _open_log(self) -> TrainingLog:
+        config = self.config
+        log = TrainingLog(config.logging_dir or config.output_dir, config.log_prefix or "", self.group_names,
+                          self.result.history, tensorboard=bool(config.logging_dir))
+        self.result.loss_csv, self.result.loss_jsonl = log.csv_path, log.jsonl_path
+        self.result.tensorboard_dir = log.tensorboard_dir
+        return log
 
     def _read_sample_prompts(self) -> list[SamplePrompt]:
         path = self.config.sample_prompts
@@ -199,126 +289,258 @@ class Trainer:
         width, height = self.config.datasets[0].resolution
         return read_prompt_file(path, SamplePrompt("", width=width, height=height))
 
-    def batch_latents(self, indices: list[int]) -> torch.Tensor:
-        device = self.accelerator.device
-        flips = [self.dataset.wants_flip(i, self.rng) for i in indices]
-        if self.latent_cache is not None:
-            latents = [self.latent_cache.get(i, flip) for i, flip in zip(indices, flips, strict=True)]
-            return torch.stack(latents).to(device, torch.float32)
-        pixels = [self.dataset.pixels(i, flip, self.rng) for i, flip in zip(indices, flips, strict=True)]
-        with torch.no_grad():
-            return encode_latents(self.parts.vae, torch.stack(pixels)).float()
+    # --------------------------------------------------------------------------------------------------- state
+    def capture_state(self) -> TrainingState:
+        step, epoch, next_batch = self.position
+        tensors = {f"network/{key}": value.detach().float().cpu().contiguous()
+                   for key, value in self.network.state_dict().items()}
+        tensors["rng/torch"] = torch.get_rng_state()
+        if torch.cuda.is_available():
+            for index, rng in enumerate(torch.cuda.get_rng_state_all()):
+                tensors[f"rng/cuda/{index}"] = rng
+        info = {
+            "optimizer_name": self.optimizer_name,
+            "optimizer": pack(self.optimizer.state_dict(), "optimizer", tensors),
+            "scheduler": pack(self.lr_scheduler.state_dict(), "scheduler", tensors),
+            "scaler": pack(self.accelerator.scaler.state_dict(), "scaler", tensors)
+            if self.accelerator.scaler is not None else None,
+            "history": self.result.history.to_dict(),
+            "total_steps": self.plan.total_steps,
+        }
+        return TrainingState(step, epoch, next_batch, self.seed, info, tensors)
 
-    def loss_for_batch(self, indices: list[int], epoch: int) -> torch.Tensor:
-        """Noise the latents at random timesteps and score the U-Net's prediction (the DDPM objective)."""
-        config, parts = self.config, self.parts
-        latents = self.batch_latents(indices)
-        captions = [self.dataset.caption(i, self.rng, epoch) for i in indices]
+    def _restore(self, state: TrainingState) -> None:
+        if state.info.get("optimizer_name") != self.optimizer_name:
+            raise TrainingError(f"the state was saved with optimizer {state.info.get('optimizer_name')}, this run "
+                                f"uses {self.optimizer_name}; use the same optimizer_type to resume")
+        try:
+            self.network.load_state_dict(state.group("network"))
+            self.optimizer.load_state_dict(unpack(state.info["optimizer"], state.tensors))
+        except (RuntimeError, ValueError, KeyError) as error:
+            raise TrainingError(f"{self.result.resumed_from}: the state does not fit this network ({error}); "
+                                "use the same network settings as the run that saved it") from None
+        self.lr_scheduler.load_state_dict(unpack(state.info["scheduler"], state.tensors))
+        if state.info.get("scaler") and self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(unpack(state.info["scaler"], state.tensors))
+        torch.set_rng_state(state.tensors["rng/torch"])
+        cuda_states = [state.tensors[f"rng/cuda/{i}"] for i in range(torch.cuda.device_count())
+                       if f"rng/cuda/{i}" in state.tensors]
+        if cuda_states:
+            torch.cuda.set_rng_state_all(cuda_states)
+        self.result.history = LossHistory.from_dict(state.info.get("history", {}))
+        self.position = (state.step, state.epoch, state.next_batch)
+
+    # ----------------------------------------------------------------------------------------------- one step
+    def loss_sum(self, indices: list[int], positions: range, epoch: int, batch_index: int,
+                 noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """Sum of this process's per-sample losses (weighted) for its share of one global batch."""
+        config, parts, device = self.config, self.parts, self.accelerator.device
+        rngs = [python_rng(self.seed, epoch, batch_index, slot) for slot in positions]
+        flips = [self.dataset.wants_flip(i, rng) for i, rng in zip(indices, rngs, strict=True)]
+        if self.latent_cache is not None:
+            latents = torch.stack([self.latent_cache.get(i, flip) for i, flip in zip(indices, flips, strict=True)])
+            latents = latents.to(device, torch.float32)
+        else:
+            pixels = [self.dataset.pixels(i, flip, rng) for i, flip, rng in zip(indices, flips, rngs, strict=True)]
+            with torch.no_grad():
+                latents = encode_latents(parts.vae, torch.stack(pixels).to(device)).float()
+        captions = [self.dataset.caption(i, rng, epoch) for i, rng in zip(indices, rngs, strict=True)]
         with torch.set_grad_enabled(self.train_text_encoder), self.accelerator.autocast():
             conditioning = encode_prompts(parts.text_encoder, parts.tokenizer, captions, config.clip_skip,
-                                          config.max_token_length, latents.device)
-        noise = sample_noise(latents, config.noise_offset)
-        timesteps = torch.randint(0, parts.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
-                                  device=latents.device)
+                                          config.max_token_length, device)
+        noise, timesteps = noise.to(device), timesteps.to(device)
         noisy = parts.noise_scheduler.add_noise(latents, noise, timesteps)
         with self.accelerator.autocast():
             prediction = parts.unet(noisy.to(self.weight_dtype), timesteps, conditioning.to(self.weight_dtype)).sample
-        target = training_target(parts.noise_scheduler, latents, noise, timesteps)
+        per_sample = per_sample_mse(prediction, training_target(parts.noise_scheduler, latents, noise, timesteps))
         weights = torch.tensor([config.prior_loss_weight if self.dataset.items[i].record.is_reg else 1.0
-                                for i in indices])
-        return weighted_mse(prediction, target, weights)
+                                for i in indices], device=device)
+        if config.min_snr_gamma:
+            weights = weights * min_snr_weights(parts.noise_scheduler, timesteps, config.min_snr_gamma)
+        return (per_sample * weights).sum()
 
-    def optimization_step(self, indices: list[int], epoch: int) -> float:
-        with self.accelerator.accumulate(self.network):
-            loss = self.loss_for_batch(indices, epoch)
-            if not torch.isfinite(loss):
-                raise TrainingError(
-                    f"loss became {loss.item()} at epoch {epoch}; stopped, the last saved epoch is intact. "
-                    "Lower the learning rate or use mixed_precision bf16/no"
-                )
-            self.accelerator.backward(loss)
-            if self.accelerator.sync_gradients and self.config.max_grad_norm > 0:
-                self.accelerator.clip_grad_norm_(self.network.parameters(), self.config.max_grad_norm)
-            self.optimizer.step()
+    def micro_step(self, batch: list[int], epoch: int, batch_index: int) -> torch.Tensor:
+        """Forward and backward for this process's share of one global batch; returns its loss share."""
+        item = self.dataset.items[batch[0]]
+        width, height = item.bucket.bucket_resolution
+        channels = self.parts.unet.config.in_channels
+        noise, timesteps = batch_noise((len(batch), channels, height // 8, width // 8),
+                                       self.parts.noise_scheduler.config.num_train_timesteps,
+                                       torch_generator(self.seed, epoch, batch_index), self.config.noise_offset)
+        indices, positions = distributed.share(batch, self.rank, self.world)
+        if not indices:
+            return torch.zeros((), device=self.accelerator.device)
+        sl = slice(positions.start, positions.stop)
+        loss = self.loss_sum(indices, positions, epoch, batch_index, noise[sl], timesteps[sl]) / len(batch)
+        self.accelerator.backward(loss / self.config.gradient_accumulation_steps)
+        return loss.detach()
+
+    def apply_gradients(self, loss: torch.Tensor, step: int, epoch: int) -> float:
+        """Sum gradients over processes, stop on a non-finite loss, clip, step the optimizer and the schedule."""
+        loss_value = distributed.sum_gradients_and_loss(self.parameters, loss).item()
+        if not math.isfinite(loss_value):
+            raise TrainingError(
+                f"loss became {loss_value} at epoch {epoch}, step {step}; stopped, the last save is intact. "
+                "Lower the learning rate or use mixed_precision bf16/no"
+            )
+        if self.config.max_grad_norm > 0:
+            self.accelerator.clip_grad_norm_(self.parameters, self.config.max_grad_norm)
+        self.optimizer.step()
+        if not self.accelerator.optimizer_step_was_skipped:
             self.lr_scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-        return loss.item()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_value
 
-    def save(self, epoch: int, step: int, final: bool) -> Path:
-        config = self.config
-        name = config.output_name or "last"
-        path = Path(config.output_dir) / (f"{name}.safetensors" if final else f"{name}-{epoch:06d}.safetensors")
-        metadata = {} if config.no_metadata else {
+    def run_epoch(self, epoch: int, start_batch: int, bar) -> bool:
+        """Train from ``start_batch`` to the end of the epoch; True when the run's last step was reached."""
+        step, accumulate = self.position[0], self.config.gradient_accumulation_steps
+        batches = self.dataset.make_batches(epoch, self.world)
+        pending, micro_batches = torch.zeros((), device=self.accelerator.device), 0
+        for batch_index in range(start_batch, len(batches)):
+            pending = pending + self._guarded(self.micro_step, batches[batch_index], epoch, batch_index)
+            micro_batches += 1
+            if (batch_index + 1) % accumulate and batch_index + 1 < len(batches):
+                continue
+            loss = self.apply_gradients(pending / micro_batches, step + 1, epoch)
+            pending, micro_batches = torch.zeros((), device=self.accelerator.device), 0
+            step += 1
+            self.position = (step, epoch, batch_index + 1)
+            self.after_step(step, epoch, loss, bar)
+            if step >= self.plan.total_steps:
+                return True
+        return False
+
+    def _guarded(self, function, *args):
+        try:
+            return function(*args)
+        except (RuntimeError, MemoryError) as error:
+            message = _out_of_memory_message(self.config, error)
+            if message is None:
+                raise
+            raise TrainingError(message) from None
+
+    def after_step(self, step: int, epoch: int, loss: float, bar) -> None:
+        if self.log is not None:
+            record = self.log.log(step, self.plan.total_steps, epoch, loss, self.lr_scheduler.get_last_lr())
+            bar.set_postfix(epoch=epoch, avr_loss=f"{record.average_loss:.4f}")
+            for callback in self.callbacks:
+                callback.on_step(record, self.result.history)
+        bar.update(1)
+        if self.on_step:
+            self.on_step(step, loss)
+        if step < self.plan.total_steps:
+            if self._due(self.config.save_every_n_steps, step):
+                self.checkpoint(checkpoints.step_file(self.config.output_dir, self.name, step),
+                                state_name(self.name, step=step), epoch)
+                if self.config.save_last_n_steps:
+                    checkpoints.prune_steps(self.config.output_dir, self.name, step, self.config.save_last_n_steps)
+            if self._due(self.config.sample_every_n_steps, step):
+                self.sample(f"{self.name}_{step:06d}")
+
+    @staticmethod
+    def _due(every: int | None, count: int) -> bool:
+        return bool(every) and count % every == 0
+
+    # ------------------------------------------------------------------------------------------ saving, samples
+    def save(self, path: Path, epoch: int) -> Path:
+        step = self.position[0]
+        for key, value in self.network.state_dict().items():
+            if value.is_floating_point() and not torch.isfinite(value).all():
+                raise TrainingError(f"the adapter weight {key} is not finite at step {step}; not saving over the "
+                                    "last good file. Lower the learning rate or use mixed_precision bf16/no")
+        metadata = {} if self.config.no_metadata else {
             **self.metadata, "ss_epoch": str(epoch), "ss_steps": str(step), "ss_num_epochs": str(self.plan.epochs),
             "ss_training_finished_at": str(time.time()),
         }
-        saved = self.network.save_weights(path, SAVE_DTYPES[config.save_precision], metadata)
+        saved = self.network.save_weights(path, SAVE_DTYPES[self.config.save_precision], metadata)
         logger.info("saved %s", saved)
         self.result.saved_files.append(saved)
         return saved
 
-    def sample(self, epoch: int) -> None:
-        if not self.sample_prompts or not self.accelerator.is_main_process:
+    def checkpoint(self, path: Path, state_folder: str, epoch: int) -> None:
+        """An adapter file, and with ``save_state`` its state folder (the file first: the state says it exists)."""
+        if not self.is_main:
             return
-        stem = f"{self.config.output_name or 'last'}_e{epoch:06d}"
+        saved = [self.save(path, epoch)]
+        if self.config.save_state:
+            folder = save_state(Path(self.config.output_dir) / state_folder, self.capture_state())
+            self.result.state_dirs.append(folder)
+            saved.append(folder)
+        for item in saved:
+            for callback in self.callbacks:
+                callback.on_save(item)
+
+    def sample(self, stem: str) -> None:
+        if not self.sample_prompts or not self.is_main:
+            return
         self.network.eval()
         paths = generate_samples(self.parts, self.sample_prompts, Path(self.config.output_dir) / "sample", stem,
                                  self.config.sample_sampler, self.config.clip_skip, self.config.max_token_length)
         self.network.train()
+        grid = make_grid(paths, Path(self.config.output_dir) / "sample" / f"{stem}_grid.png")
         self.result.sample_files += paths
+        self.result.grid_files.append(grid)
+        for callback in self.callbacks:
+            callback.on_sample(paths, grid)
 
-    def _is_due(self, every: int | None, epoch: int) -> bool:
-        return bool(every) and epoch % every == 0 and epoch < self.plan.epochs
+    def end_of_epoch(self, epoch: int) -> None:
+        """Epoch saves and samples, as sd-scripts: every N epochs, but not after the last (the final save is)."""
+        self.position = (self.position[0], epoch + 1, 0)
+        if epoch >= self.plan.epochs:
+            return
+        if self._due(self.config.save_every_n_epochs, epoch):
+            self.checkpoint(checkpoints.epoch_file(self.config.output_dir, self.name, epoch),
+                            state_name(self.name, epoch=epoch), epoch)
+            if self.config.save_last_n_epochs and self.is_main:
+                checkpoints.prune_epochs(self.config.output_dir, self.name, self.config.save_last_n_epochs)
+        if self._due(self.config.sample_every_n_epochs, epoch):
+            self.sample(f"{self.name}_e{epoch:06d}")
 
+    # --------------------------------------------------------------------------------------------------- run
     def train(self) -> TrainResult:
-        """Run every epoch; saves and samples at the configured epochs and at the end."""
+        """Run (or continue) every epoch; saves and samples at the configured points and at the end."""
         from tqdm.auto import tqdm
 
         self.setup()
         started = time.time()
-        history, step = self.result.history, 0
-        bar = tqdm(total=self.plan.total_steps, desc="steps", disable=not self.progress, smoothing=0)
+        step, epoch, start_batch = self.position
+        bar = tqdm(total=self.plan.total_steps, initial=step, desc="steps", smoothing=0,
+                   disable=not (self.progress and self.is_main))
         self.network.train()
-        for epoch in range(1, self.plan.epochs + 1):
-            for indices in self.dataset.make_batches(epoch):
-                loss = self.optimization_step(indices, epoch)
-                if not self.accelerator.sync_gradients:
-                    continue
-                step += 1
-                history.add(step, epoch, loss, self.lr_scheduler.get_last_lr()[0])
-                bar.update(1)
-                bar.set_postfix(epoch=epoch, avr_loss=f"{history.moving_average()[-1]:.4f}")
-                if self.on_step:
-                    self.on_step(step, loss)
-                if step >= self.plan.total_steps:
-                    break
-            if self._is_due(self.config.save_every_n_epochs, epoch) and self.accelerator.is_main_process:
-                self.save(epoch, step, final=False)
-            if self._is_due(self.config.sample_every_n_epochs, epoch):
-                self.sample(epoch)
-            if step >= self.plan.total_steps:
-                break
-        bar.close()
-        self.finish(epoch, step, started)
-        WORKSPACE.clear()  # the adapters' reusable full-size buffers; a notebook kernel lives on after training
+        try:
+            finished = step >= self.plan.total_steps
+            while not finished and epoch <= self.plan.epochs:
+                finished = self.run_epoch(epoch, start_batch, bar)
+                if self.position[1] == epoch and self.position[2] >= self.plan.batches_per_epoch:
+                    self.end_of_epoch(epoch)
+                epoch, start_batch = epoch + 1, 0
+            self.finish(started)
+        finally:
+            bar.close()
+            if self.log is not None:
+                self.log.close()
+            WORKSPACE.clear()  # the adapters' reusable full-size buffers; a notebook kernel lives on after training
+        for callback in self.callbacks:
+            callback.on_end(self.result)
         return self.result
 
-    def finish(self, epoch: int, step: int, started: float) -> None:
+    def finish(self, started: float) -> None:
+        step, epoch, _ = self.position
         self.result.seconds = time.time() - started
-        self.result.total_steps, self.result.epochs = step, epoch
-        if not self.accelerator.is_main_process:
+        self.result.total_steps, self.result.epochs = step, min(epoch, self.plan.epochs)
+        self.accelerator.wait_for_everyone()
+        if not self.is_main:
             return
-        self.save(epoch, step, final=True)
-        self.sample(epoch)
+        self.checkpoint(checkpoints.final_file(self.config.output_dir, self.name), state_name(self.name),
+                        self.result.epochs)
+        self.sample(f"{self.name}_e{self.result.epochs:06d}")
         log_dir = Path(self.config.logging_dir or self.config.output_dir)
-        prefix = self.config.log_prefix or ""
-        self.result.loss_csv = self.result.history.write_csv(log_dir / f"{prefix}loss.csv")
-        self.result.loss_plot = self.result.history.plot(log_dir / f"{prefix}loss.png",
+        self.result.loss_plot = self.result.history.plot(log_dir / f"{self.config.log_prefix or ''}loss.png",
                                                          title=f"{self.config.output_name or 'training'} loss")
         logger.info("training finished: %d steps in %.1f s", step, self.result.seconds)
 
 
-def train(config: TrainConfig, on_step: Callable[[int, float], None] | None = None, progress: bool = True
-          ) -> TrainResult:
-    """Train an adapter as configured and return what was written."""
-    return Trainer(config, on_step=on_step, progress=progress).train()
+def train(config: TrainConfig, on_step: Callable[[int, float], None] | None = None, progress: bool = True,
+          callbacks: Iterable[TrainingCallback] = ()) -> TrainResult:
+    """Train an adapter as configured (continuing from ``resume`` if set) and return what was written."""
+    return Trainer(config, on_step=on_step, progress=progress, callbacks=callbacks).train()

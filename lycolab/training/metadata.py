@@ -67,6 +67,7 @@ def training_metadata(config: TrainConfig, dataset: BucketedDataset, session_id:
         "ss_cache_latents": config.cache_latents,
         "ss_seed": config.seed,
         "ss_noise_offset": config.noise_offset,
+        "ss_min_snr_gamma": config.min_snr_gamma,
         "ss_prior_loss_weight": config.prior_loss_weight,
         "ss_training_comment": config.training_comment,
         "ss_sd_model_name": _name(config.pretrained_model_name_or_path),

@@ -83,10 +83,31 @@ def make_sampler(name: str, training_scheduler_config):
     return scheduler_class.from_config(training_scheduler_config, **extra)
 
 
+def make_grid(images: list[Path], path: str | Path, columns: int | None = None) -> Path:
+    """All images of one sampling round side by side (up to 4 per row, cells sized to the largest), on white."""
+    from PIL import Image
+
+    from lycolab.files import atomic_write
+
+    pictures = [Image.open(image).convert("RGB") for image in images]
+    columns = columns or min(4, len(pictures))
+    rows = -(-len(pictures) // columns)
+    cell_width = max(picture.width for picture in pictures)
+    cell_height = max(picture.height for picture in pictures)
+    grid = Image.new("RGB", (columns * cell_width, rows * cell_height), "white")
+    for index, picture in enumerate(pictures):
+        row, column = divmod(index, columns)
+        grid.paste(picture, (column * cell_width + (cell_width - picture.width) // 2,
+                             row * cell_height + (cell_height - picture.height) // 2))
+    return atomic_write(path, lambda temporary: grid.save(temporary, format="PNG"))
+
+
 @torch.no_grad()
 def generate_samples(parts, prompts: list[SamplePrompt], out_dir: str | Path, file_stem: str, sampler: str = "euler_a",
                      clip_skip: int | None = None, max_token_length: int | None = None) -> list[Path]:
-    """Render each prompt with the U-Net as it is now (adapter applied) and save PNGs ``{file_stem}_{i:02d}.png``."""
+    """Render each prompt with the U-Net as it is now (adapter applied) and save PNGs ``{file_stem}_{i:02d}.png``.
+
+    Runs inside ``torch.random.fork_rng`` so sampling never changes the training run's random numbers."""
     from diffusers import StableDiffusionPipeline
 
     device = next(parts.unet.parameters()).device
@@ -99,17 +120,24 @@ def generate_samples(parts, prompts: list[SamplePrompt], out_dir: str | Path, fi
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
-    for index, sample in enumerate(prompts):
-        embeddings = encode_prompts(parts.text_encoder, parts.tokenizer, [sample.prompt, sample.negative_prompt],
-                                    clip_skip, max_token_length, device)
-        generator = torch.Generator(device="cpu").manual_seed(sample.seed if sample.seed is not None else index)
-        embeddings = embeddings.to(parts.unet.dtype)
-        image = pipeline(
-            prompt_embeds=embeddings[:1], negative_prompt_embeds=embeddings[1:],
-            height=sample.height - sample.height % 8, width=sample.width - sample.width % 8,
-            num_inference_steps=sample.steps, guidance_scale=sample.guidance_scale, generator=generator,
-        ).images[0]
-        path = out_dir / f"{file_stem}_{index:02d}.png"
-        image.save(path)
-        paths.append(path)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        for index, sample in enumerate(prompts):
+            paths.append(_render(pipeline, parts, sample, index, out_dir / f"{file_stem}_{index:02d}.png", clip_skip,
+                                 max_token_length, device))
     return paths
+
+
+def _render(pipeline, parts, sample: SamplePrompt, index: int, path: Path, clip_skip: int | None,
+            max_token_length: int | None, device: torch.device) -> Path:
+    """One prompt → one PNG; a prompt without --d uses its position as seed, so rounds are comparable."""
+    embeddings = encode_prompts(parts.text_encoder, parts.tokenizer, [sample.prompt, sample.negative_prompt],
+                                clip_skip, max_token_length, device)
+    generator = torch.Generator(device="cpu").manual_seed(sample.seed if sample.seed is not None else index)
+    embeddings = embeddings.to(parts.unet.dtype)
+    image = pipeline(
+        prompt_embeds=embeddings[:1], negative_prompt_embeds=embeddings[1:],
+        height=sample.height - sample.height % 8, width=sample.width - sample.width % 8,
+        num_inference_steps=sample.steps, guidance_scale=sample.guidance_scale, generator=generator,
+    ).images[0]
+    image.save(path)
+    return path

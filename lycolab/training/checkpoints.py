@@ -1,0 +1,55 @@
+"""Names of the files a run saves, and ``save_last_n_epochs`` / ``save_last_n_steps`` pruning, as sd-scripts does.
+
+Adapter files are ``{name}-{epoch:06d}.safetensors`` (every N epochs), ``{name}-step{step:08d}.safetensors`` (every N
+steps) and ``{name}.safetensors`` (the end); each may have a ``…-state`` folder beside it when ``save_state`` is on.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+
+def epoch_file(output_dir: str | Path, name: str, epoch: int) -> Path:
+    return Path(output_dir) / f"{name}-{epoch:06d}.safetensors"
+
+
+def step_file(output_dir: str | Path, name: str, step: int) -> Path:
+    return Path(output_dir) / f"{name}-step{step:08d}.safetensors"
+
+
+def final_file(output_dir: str | Path, name: str) -> Path:
+    return Path(output_dir) / f"{name}.safetensors"
+
+
+def _numbered(output_dir: Path, pattern: str) -> dict[int, list[Path]]:
+    found: dict[int, list[Path]] = {}
+    regex = re.compile(pattern)
+    for path in output_dir.iterdir():
+        match = regex.fullmatch(path.name)
+        if match:
+            found.setdefault(int(match.group(1)), []).append(path)
+    return found
+
+
+def _remove(paths: list[Path]) -> list[Path]:
+    for path in paths:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    return paths
+
+
+def prune_epochs(output_dir: str | Path, name: str, keep: int) -> list[Path]:
+    """Remove epoch saves (files and states) older than the newest ``keep`` epochs; returns what was removed."""
+    numbered = _numbered(Path(output_dir), rf"{re.escape(name)}-(\d{{6}})(?:\.safetensors|-state)")
+    old = sorted(numbered)[:-keep] if keep else []
+    return _remove([path for epoch in old for path in numbered[epoch]])
+
+
+def prune_steps(output_dir: str | Path, name: str, current_step: int, keep_steps: int) -> list[Path]:
+    """Remove step saves more than ``keep_steps`` steps older than ``current_step``; returns what was removed."""
+    numbered = _numbered(Path(output_dir), rf"{re.escape(name)}-step(\d{{8}})(?:\.safetensors|-state)")
+    return _remove([path for step, paths in numbered.items() if step < current_step - keep_steps for path in paths])
