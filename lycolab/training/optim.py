@@ -100,20 +100,28 @@ def _eight_bit(class_name: str, fallback: Callable, fallback_name: str, extra: d
 
 def _dadaptation(class_name: str) -> Callable:
     def build(groups, lr, kwargs):
-        _warn_small_lr(class_name, lr)
+        groups = _one_learning_rate(class_name, groups, lr)
         return getattr(_import("dadaptation", "dadaptation"), class_name)(groups, lr=lr, **kwargs)
     return build
 
 
 def _prodigy(groups, lr, kwargs):
-    _warn_small_lr("Prodigy", lr)
+    groups = _one_learning_rate("Prodigy", groups, lr)
     return _import("prodigyopt", "prodigyopt").Prodigy(groups, lr=lr, **kwargs)
 
 
-def _warn_small_lr(name: str, lr: float) -> None:
-    if lr <= 0.1:
+def _one_learning_rate(name: str, groups: list[dict], lr: float) -> list[dict]:
+    """D-Adaptation and Prodigy find the step size themselves: they take one lr (around 1.0) for every group, or 0
+    to freeze a group. A different text-encoder lr is replaced by the first group's, with a warning."""
+    first = groups[0].get("lr", lr) if groups else lr
+    if first <= 0.1:
         logger.warning("%s finds the step size itself and expects learning_rate around 1.0 (got %g); "
-                       "set unet_lr/text_encoder_lr/learning_rate to 1.0", name, lr)
+                       "set unet_lr/text_encoder_lr/learning_rate to 1.0", name, first)
+    if all(group.get("lr", lr) in (first, 0.0) for group in groups):
+        return groups
+    logger.warning("%s uses one learning rate for all parameter groups: using %g for every group "
+                   "(set text_encoder_lr equal to unet_lr, or 0 to freeze it)", name, first)
+    return [{**group, "lr": first} for group in groups]
 
 
 # sd-scripts' names (lower-cased) → builder(groups, lr, kwargs).
