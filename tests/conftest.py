@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from lycolab.demo import draw_shape_image
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
@@ -40,3 +42,17 @@ def write_images(directory: Path, sizes: list[tuple[int, int]], captions: list[s
             path.with_suffix(extension).write_text(captions[index % len(captions)], encoding="utf-8")
         paths.append(path)
     return paths
+
+
+SHAPE_IMAGES = [("circle", "red", "blue"), ("square", "yellow", "black"), ("triangle", "green", "white"),
+                ("circle", "purple", "orange")]
+
+
+def make_shapes_dataset(root: Path) -> Path:
+    """Four 64 px shape images with captions in ``root/2_shapes`` (8 per epoch with repeats); returns ``root``."""
+    folder = root / "2_shapes"
+    folder.mkdir(parents=True)
+    for index, (shape, color, background) in enumerate(SHAPE_IMAGES):
+        draw_shape_image((64, 64), shape, color, background).save(folder / f"{index}.png")
+        (folder / f"{index}.txt").write_text(f"sks, {color} {shape}, {background} background", encoding="utf-8")
+    return root

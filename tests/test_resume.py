@@ -12,25 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_shapes_dataset as make_dataset
 from safetensors.torch import load_file
 
 from lycolab.config import TrainConfig, load_config, write_config_file
-from lycolab.demo import draw_shape_image
 from lycolab.files import atomic_directory
 from lycolab.training import TrainingError, train
 from lycolab.training.state import find_latest_state, load_state
-
-SHAPES = [("circle", "red", "blue"), ("square", "yellow", "black"), ("triangle", "green", "white"),
-          ("circle", "purple", "orange")]
-
-
-def make_dataset(root: Path) -> Path:
-    folder = root / "2_shapes"
-    folder.mkdir(parents=True)
-    for index, (shape, color, background) in enumerate(SHAPES):
-        draw_shape_image((64, 64), shape, color, background).save(folder / f"{index}.png")
-        (folder / f"{index}.txt").write_text(f"sks, {color} {shape}, {background} background", encoding="utf-8")
-    return root
 
 
 def resume_config(model: Path, data: Path, out: Path, **extra) -> TrainConfig:

@@ -26,9 +26,16 @@ logger = logging.getLogger(__name__)
 CACHE_SUFFIX = ".latents.safetensors"
 
 
-def encode_latents(vae, pixels: torch.Tensor) -> torch.Tensor:
-    """Pixels in [-1, 1] → scaled latents the U-Net trains on."""
-    latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.sample()
+def encode_latents(vae, pixels: torch.Tensor, generators: list[torch.Generator] | None = None) -> torch.Tensor:
+    """Pixels in [-1, 1] → scaled latents the U-Net trains on, sampled from the VAE's posterior; with one CPU
+    generator per image the sample depends only on that generator, not on the batch it was encoded in."""
+    distribution = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+    if generators is None:
+        latents = distribution.sample()
+    else:
+        shape = distribution.mean.shape[1:]
+        noise = torch.stack([torch.randn(shape, generator=generator) for generator in generators])
+        latents = distribution.mean + distribution.std * noise.to(distribution.mean.device, distribution.mean.dtype)
     return latents * vae.config.scaling_factor
 
 

@@ -42,6 +42,7 @@ from lycolab.training.state import state_dir_name as state_name
 logger = logging.getLogger(__name__)
 
 SAVE_DTYPES = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, None: torch.float16}
+VAE_STREAM = 1  # tells the per-image VAE sampling stream apart from the batch's noise stream
 OUT_OF_MEMORY_MARKERS = ("out of memory", "can't allocate memory", "not enough memory")
 
 
@@ -89,12 +90,17 @@ def plan_run(config: TrainConfig, dataset: BucketedDataset, processes: int = 1) 
 
 
 def _make_accelerator(config: TrainConfig):
+    """accelerate keeps one global state per process; a notebook that trains again with another mixed_precision
+    would get "restart your runtime", so a single-process run starts from a fresh state."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
     precision = config.mixed_precision
     if precision == "fp16" and not torch.cuda.is_available():
         logger.warning("mixed_precision fp16 needs a GPU; training in fp32 on this CPU (use bf16 for CPU autocast)")
         precision = "no"
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        AcceleratorState._reset_state(reset_partial_state=True)
     return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
 
 
@@ -342,8 +348,9 @@ class Trainer:
             latents = latents.to(device, torch.float32)
         else:
             pixels = [self.dataset.pixels(i, flip, rng) for i, flip, rng in zip(indices, flips, rngs, strict=True)]
+            generators = [torch_generator(self.seed, epoch, batch_index, slot, VAE_STREAM) for slot in positions]
             with torch.no_grad():
-                latents = encode_latents(parts.vae, torch.stack(pixels).to(device)).float()
+                latents = encode_latents(parts.vae, torch.stack(pixels).to(device), generators).float()
         captions = [self.dataset.caption(i, rng, epoch) for i, rng in zip(indices, rngs, strict=True)]
         with torch.set_grad_enabled(self.train_text_encoder), self.accelerator.autocast():
             conditioning = encode_prompts(parts.text_encoder, parts.tokenizer, captions, config.clip_skip,

@@ -107,7 +107,9 @@ def generate_samples(parts, prompts: list[SamplePrompt], out_dir: str | Path, fi
                      clip_skip: int | None = None, max_token_length: int | None = None) -> list[Path]:
     """Render each prompt with the U-Net as it is now (adapter applied) and save PNGs ``{file_stem}_{i:02d}.png``.
 
-    Runs inside ``torch.random.fork_rng`` so sampling never changes the training run's random numbers."""
+    Runs inside ``torch.random.fork_rng`` so sampling never changes the training run's random numbers. A U-Net
+    held in fp16/bf16 (mixed-precision training) denoises under autocast, since the adapter's weights stay fp32;
+    the latents are decoded by the VAE in its own dtype (fp32), where SD's VAE does not overflow."""
     from diffusers import StableDiffusionPipeline
 
     device = next(parts.unet.parameters()).device
@@ -134,10 +136,16 @@ def _render(pipeline, parts, sample: SamplePrompt, index: int, path: Path, clip_
                                 clip_skip, max_token_length, device)
     generator = torch.Generator(device="cpu").manual_seed(sample.seed if sample.seed is not None else index)
     embeddings = embeddings.to(parts.unet.dtype)
-    image = pipeline(
-        prompt_embeds=embeddings[:1], negative_prompt_embeds=embeddings[1:],
-        height=sample.height - sample.height % 8, width=sample.width - sample.width % 8,
-        num_inference_steps=sample.steps, guidance_scale=sample.guidance_scale, generator=generator,
-    ).images[0]
+    low_precision = parts.unet.dtype != torch.float32
+    with torch.autocast(device.type, dtype=parts.unet.dtype, enabled=low_precision):
+        latents = pipeline(
+            prompt_embeds=embeddings[:1], negative_prompt_embeds=embeddings[1:],
+            height=sample.height - sample.height % 8, width=sample.width - sample.width % 8,
+            num_inference_steps=sample.steps, guidance_scale=sample.guidance_scale, generator=generator,
+            output_type="latent",
+        ).images
+    vae = parts.vae
+    decoded = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+    image = pipeline.image_processor.postprocess(decoded.float(), output_type="pil")[0]
     image.save(path)
     return path
