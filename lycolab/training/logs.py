@@ -67,8 +67,8 @@ class TrainingLog:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            logger.warning("logging_dir is set but tensorboard is not installed (pip install tensorboard); "
-                           "the CSV/JSONL logs are still written")
+            logger.info("no TensorBoard events: tensorboard is not installed (pip install tensorboard); "
+                        "the CSV/JSONL logs are written")
             return None
         self.tensorboard_dir = self.log_dir / f"{prefix}{time.strftime('%Y%m%d%H%M%S')}"
         return SummaryWriter(str(self.tensorboard_dir))
