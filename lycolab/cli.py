@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from typing import Any
@@ -276,7 +277,10 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "train":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    # with several training processes (torchrun / accelerate launch) only the first one reports progress
+    first_process = os.environ.get("RANK", "0") == "0"
+    logging.basicConfig(level=logging.INFO if first_process else logging.WARNING, format="%(message)s",
+                        stream=sys.stdout)
     _quiet_libraries()
     try:
         if args.command == "demo":

@@ -337,20 +337,25 @@ class Trainer:
         self.position = (state.step, state.epoch, state.next_batch)
 
     # ----------------------------------------------------------------------------------------------- one step
+    def batch_latents(self, indices: list[int], positions: range, rngs: list, epoch: int, batch_index: int
+                      ) -> torch.Tensor:
+        """Latents of this share of the batch, flipped where ``flip_aug`` says, from the cache or the VAE."""
+        device = self.accelerator.device
+        flips = [self.dataset.wants_flip(i, rng) for i, rng in zip(indices, rngs, strict=True)]
+        if self.latent_cache is not None:
+            latents = [self.latent_cache.get(i, flip) for i, flip in zip(indices, flips, strict=True)]
+            return torch.stack(latents).to(device, torch.float32)
+        pixels = [self.dataset.pixels(i, flip, rng) for i, flip, rng in zip(indices, flips, rngs, strict=True)]
+        generators = [torch_generator(self.seed, epoch, batch_index, slot, VAE_STREAM) for slot in positions]
+        with torch.no_grad():
+            return encode_latents(self.parts.vae, torch.stack(pixels).to(device), generators).float()
+
     def loss_sum(self, indices: list[int], positions: range, epoch: int, batch_index: int,
                  noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """Sum of this process's per-sample losses (weighted) for its share of one global batch."""
         config, parts, device = self.config, self.parts, self.accelerator.device
         rngs = [python_rng(self.seed, epoch, batch_index, slot) for slot in positions]
-        flips = [self.dataset.wants_flip(i, rng) for i, rng in zip(indices, rngs, strict=True)]
-        if self.latent_cache is not None:
-            latents = torch.stack([self.latent_cache.get(i, flip) for i, flip in zip(indices, flips, strict=True)])
-            latents = latents.to(device, torch.float32)
-        else:
-            pixels = [self.dataset.pixels(i, flip, rng) for i, flip, rng in zip(indices, flips, rngs, strict=True)]
-            generators = [torch_generator(self.seed, epoch, batch_index, slot, VAE_STREAM) for slot in positions]
-            with torch.no_grad():
-                latents = encode_latents(parts.vae, torch.stack(pixels).to(device), generators).float()
+        latents = self.batch_latents(indices, positions, rngs, epoch, batch_index)
         captions = [self.dataset.caption(i, rng, epoch) for i, rng in zip(indices, rngs, strict=True)]
         with torch.set_grad_enabled(self.train_text_encoder), self.accelerator.autocast():
             conditioning = encode_prompts(parts.text_encoder, parts.tokenizer, captions, config.clip_skip,
