@@ -434,7 +434,7 @@ class Trainer:
     def after_step(self, step: int, epoch: int, loss: float, bar) -> None:
         if self.log is not None:
             record = self.log.log(step, self.plan.total_steps, epoch, loss, self.lr_scheduler.get_last_lr())
-            bar.set_postfix(epoch=epoch, avr_loss=f"{record.average_loss:.4f}")
+            bar.set_postfix(epoch=epoch, avr_loss=f"{record.average_loss:.4f}", refresh=False)
             for callback in self.callbacks:
                 callback.on_step(record, self.result.history)
         bar.update(1)
