@@ -60,6 +60,17 @@ def test_resuming_from_any_saved_state_ends_with_the_uninterrupted_weights(tiny_
         assert resumed.history.losses == pytest.approx(reference.history.losses, rel=0, abs=0)
 
 
+def test_resuming_with_cached_latents_and_accumulation_ends_with_the_same_weights(tiny_model_dir, tmp_path):
+    data = make_dataset(tmp_path / "train")
+    extra = {"cache_latents": True, "gradient_accumulation_steps": 2, "max_train_epochs": 4}
+    reference = train(resume_config(tiny_model_dir, data, tmp_path / "full", **extra), progress=False)
+    assert reference.total_steps == 8
+    state = tmp_path / "full" / "run-step00000003-state"
+    resumed = train(resume_config(tiny_model_dir, data, tmp_path / "resumed", resume=str(state), **extra),
+                    progress=False)
+    assert_same_weights(reference.saved_files[-1], resumed.saved_files[-1])
+
+
 def _launch(config_file: Path, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, "-m", "lycolab", "train", "--config_file", str(config_file), *extra],

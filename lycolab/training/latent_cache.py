@@ -20,10 +20,14 @@ from safetensors.torch import save_file
 
 from lycolab.data.dataset import BucketedDataset
 from lycolab.files import atomic_write
+from lycolab.training.seeds import torch_generator
 
 logger = logging.getLogger(__name__)
 
 CACHE_SUFFIX = ".latents.safetensors"
+
+
+CACHE_STREAM = 2  # the latent cache's random streams, apart from the training loop's
 
 
 def encode_latents(vae, pixels: torch.Tensor, generators: list[torch.Generator] | None = None) -> torch.Tensor:
@@ -54,8 +58,9 @@ def cache_path(image_path: Path) -> Path:
 class LatentCache:
     """Every image's latent (and mirrored latent when its subset uses ``flip_aug``), indexed like the dataset."""
 
-    def __init__(self, dataset: BucketedDataset, vae, batch_size: int, to_disk: bool = False):
+    def __init__(self, dataset: BucketedDataset, vae, batch_size: int, to_disk: bool = False, seed: int = 0):
         self.dataset = dataset
+        self.seed = seed
         self.to_disk = to_disk
         self.vae_id = vae_fingerprint(vae) if to_disk else ""
         self.latents: dict[int, torch.Tensor] = {}
@@ -105,15 +110,22 @@ class LatentCache:
         for bucket_indices in by_bucket.values():
             for start in range(0, len(bucket_indices), batch_size):
                 chunk = bucket_indices[start : start + batch_size]
-                latents = encode_latents(vae, torch.stack([self.dataset.pixels(i) for i in chunk])).float().cpu()
+                pixels = torch.stack([self.dataset.pixels(i) for i in chunk])
+                latents = encode_latents(vae, pixels, self._generators(chunk, flip=False)).float().cpu()
                 self.latents.update(zip(chunk, latents, strict=True))
                 flip_chunk = [i for i in chunk if self._needs_flip(i)]
                 if flip_chunk:
                     pixels = torch.stack([self.dataset.pixels(i, flip=True) for i in flip_chunk])
-                    self.flipped.update(zip(flip_chunk, encode_latents(vae, pixels).float().cpu(), strict=True))
+                    latents = encode_latents(vae, pixels, self._generators(flip_chunk, flip=True)).float().cpu()
+                    self.flipped.update(zip(flip_chunk, latents, strict=True))
                 if self.to_disk:
                     for index in chunk:
                         self._save(index)
+
+    def _generators(self, indices: list[int], flip: bool) -> list[torch.Generator]:
+        """One stream per image, so a latent never depends on the batch, the process or what ran before
+        (a resumed run re-encodes exactly the same latents)."""
+        return [torch_generator(self.seed, CACHE_STREAM, index, int(flip)) for index in indices]
 
     def _save(self, index: int) -> None:
         tensors = {"latents": self.latents[index].contiguous()}

@@ -276,7 +276,7 @@ class Trainer:
         if config.cache_latents or config.cache_latents_to_disk:
             with self.accelerator.main_process_first():  # one process writes disk caches, the others read them
                 self.latent_cache = LatentCache(self.dataset, self.parts.vae, config.vae_batch_size,
-                                                config.cache_latents_to_disk)
+                                                config.cache_latents_to_disk, self.seed)
 
     def _open_log(self) -> TrainingLog:
         config = self.config
@@ -413,7 +413,7 @@ class Trainer:
             micro_batches += 1
             if (batch_index + 1) % accumulate and batch_index + 1 < len(batches):
                 continue
-            loss = self.apply_gradients(pending / micro_batches, step + 1, epoch)
+            loss = self._guarded(self.apply_gradients, pending / micro_batches, step + 1, epoch)
             pending, micro_batches = torch.zeros((), device=self.accelerator.device), 0
             step += 1
             self.position = (step, epoch, batch_index + 1)
