@@ -6,10 +6,14 @@ single step can be re-run after a runtime restart. ``google.colab`` is imported 
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from lycolab.files import atomic_write
 
 DRIVE_MOUNT = Path("/content/drive")
 DRIVE_ROOT = DRIVE_MOUNT / "MyDrive" / "lycolab"
@@ -62,6 +66,31 @@ class Workspace:
     def state(self) -> Path:
         return self.root / "state"
 
+    @property
+    def name(self) -> str:
+        return self.root.name
+
+    @property
+    def choices_file(self) -> Path:
+        return self.config / "workspace.json"
+
+    def recall(self, key: str, default: Any = None) -> Any:
+        """A choice an earlier step saved (the model path, the caption extension …), or ``default``."""
+        try:
+            return json.loads(self.choices_file.read_text(encoding="utf-8")).get(key, default)
+        except (OSError, ValueError):
+            return default
+
+    def remember(self, **choices: Any) -> None:
+        """Save choices for later steps, on disk so they survive a runtime restart (never tokens)."""
+        try:
+            saved = json.loads(self.choices_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            saved = {}
+        saved.update(choices)
+        text = json.dumps(saved, indent=2, sort_keys=True)
+        atomic_write(self.choices_file, lambda temporary: temporary.write_text(text, encoding="utf-8"))
+
 
 def in_colab() -> bool:
     return "google.colab" in sys.modules or Path("/content").is_dir() and _colab_importable()
@@ -86,11 +115,12 @@ def project_name(name: str) -> str:
 def open_workspace(project: str, root: str | Path | None = None, use_drive: bool | None = None) -> Workspace:
     """Create (if needed) and return the project's workspace.
 
-    ``root`` overrides where projects live. In Colab (``use_drive`` defaults to it) Drive is mounted and projects
-    live in ``MyDrive/lycolab``, so they survive the runtime; elsewhere in ``./workspace``.
+    ``root`` overrides where projects live (an empty string means the default, as a notebook form leaves it). In
+    Colab (``use_drive`` defaults to it) Drive is mounted and projects live in ``MyDrive/lycolab``, so they survive
+    the runtime; elsewhere in ``./workspace``.
     """
     use_drive = in_colab() if use_drive is None else use_drive
-    if root is None:
+    if not root:
         if use_drive:
             _mount_drive()
             root = DRIVE_ROOT

@@ -65,6 +65,25 @@ class DatasetReport:
     def bucket_rows(self) -> list[dict]:
         return [{**vars(row), "resolution": f"{row.resolution[0]}x{row.resolution[1]}"} for row in self.buckets]
 
+    def __str__(self) -> str:
+        return self.format()
+
+    def _repr_html_(self) -> str:
+        """The notebook view: the subset table, the bucket table and one line per kind of problem."""
+        from lycolab.display import Table
+
+        notes = [f"usable images: {self.usable_images}; per epoch with repeats: {self.images_per_epoch}; steps per "
+                 f"epoch at batch size {self.batch_size}: {self.steps_per_epoch}"]
+        for title, items in (("images without a caption", self.missing_captions),
+                             ("groups of near-duplicate images", self.duplicates),
+                             ("skipped files", self.bad_files), ("other files (not used)", self.unused_files)):
+            if items:
+                notes.append(f"{title}: {len(items)} — e.g. {', '.join(str(item) for item in items[:3])}")
+        if not self.usable:
+            notes.append("nothing usable: add images (png, jpg, jpeg, webp, bmp) to the image folders")
+        return (Table(self.rows(), title="dataset")._repr_html_()
+                + Table(self.bucket_rows(), title="buckets", notes=notes)._repr_html_())
+
     def format(self) -> str:
         """The report as plain text for the terminal."""
         lines = [f"{'image_dir':<40} {'images':>6} {'repeats':>7} {'reg':>3} {'per epoch':>9} {'no caption':>10}"]

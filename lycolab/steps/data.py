@@ -1,0 +1,157 @@
+"""Step 03: put training images into ``train_data/`` — upload a zip, a zip or folder on Drive, a list of image
+URLs, or a hub dataset — then show the dataset doctor's report.
+
+Only images and their caption files are taken; zip entries that would land outside the folder are refused.
+Subfolders are kept, so ``10_mychar``-style repeat folders work as in sd-scripts.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import urllib.parse
+import urllib.request
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from lycolab.colab import Workspace
+from lycolab.data.scan import IMAGE_EXTENSIONS
+from lycolab.display import Table, one_line_errors
+from lycolab.files import atomic_write
+
+logger = logging.getLogger(__name__)
+
+SOURCES = ("upload", "zip", "folder", "urls", "hub")
+KEPT_EXTENSIONS = IMAGE_EXTENSIONS + (".txt", ".caption")
+
+
+@dataclass
+class DataResult:
+    folder: Path
+    added: list[Path] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+    def table(self) -> Table:
+        images = [path for path in self.added if path.suffix.lower() in IMAGE_EXTENSIONS]
+        notes = [f"skipped: {item}" for item in self.skipped[:20]]
+        return Table([{"folder": str(self.folder), "images added": len(images),
+                       "caption files added": len(self.added) - len(images)}], title="training data", notes=notes)
+
+    def _repr_html_(self) -> str:
+        return self.table()._repr_html_()
+
+    def __str__(self) -> str:
+        return str(self.table())
+
+
+def _kept(name: str) -> bool:
+    path = PurePosixPath(name)
+    return path.suffix.lower() in KEPT_EXTENSIONS and "__MACOSX" not in path.parts and not path.name.startswith(".")
+
+
+def extract_zip(archive: Path, destination: Path, result: DataResult) -> None:
+    """Images and captions from a zip; entries with absolute paths or ``..`` are refused, not written."""
+    try:
+        with zipfile.ZipFile(archive) as bundle:
+            for entry in bundle.infolist():
+                path = PurePosixPath(entry.filename)
+                if entry.is_dir() or not _kept(entry.filename):
+                    continue
+                if path.is_absolute() or ".." in path.parts:
+                    result.skipped.append(f"{entry.filename} (path leaves the folder)")
+                    continue
+                target = destination.joinpath(*path.parts)
+                data = bundle.read(entry)
+                result.added.append(atomic_write(target, lambda temporary, data=data: temporary.write_bytes(data)))
+    except zipfile.BadZipFile:
+        raise ValueError(f"{archive}: not a zip file (or a damaged one); re-create it") from None
+
+
+def copy_folder(source: Path, destination: Path, result: DataResult) -> None:
+    for path in sorted(source.rglob("*")):
+        if path.is_file() and _kept(str(path.relative_to(source))):
+            target = destination / path.relative_to(source)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            result.added.append(Path(shutil.copy2(path, target)))
+
+
+def download_urls(listing: str, destination: Path, result: DataResult) -> None:
+    """One image per URL; ``listing`` is a text file with one URL per line, or the URLs themselves."""
+    path = Path(listing.strip()).expanduser()
+    text = path.read_text(encoding="utf-8") if "\n" not in listing and path.is_file() else listing
+    urls = [line.strip() for line in text.split() if line.strip().startswith(("http://", "https://"))]
+    if not urls:
+        raise ValueError("no http(s) image URLs given; put one URL per line")
+    for index, url in enumerate(urls):
+        name = Path(urllib.parse.unquote(urllib.parse.urlparse(url).path)).name or f"image_{index:04d}.jpg"
+        if Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
+            name = f"{Path(name).stem or 'image'}_{index:04d}.jpg"
+        try:
+            with urllib.request.urlopen(url, timeout=60) as response:
+                data = response.read()
+        except OSError as error:
+            result.skipped.append(f"{url.split('?')[0]} ({getattr(error, 'reason', error)})")
+            continue
+        result.added.append(atomic_write(destination / name, lambda temporary, data=data: temporary.write_bytes(data)))
+
+
+def hub_dataset(repo: str, destination: Path, result: DataResult, token: str | None) -> None:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    patterns = [f"*{extension}" for extension in KEPT_EXTENSIONS]
+    try:
+        folder = snapshot_download(repo, repo_type="dataset", allow_patterns=patterns, token=token or None)
+    except LocalEntryNotFoundError:
+        raise ValueError(f"{repo}: the hub cannot be reached; upload the images as a zip instead") from None
+    except HfHubHTTPError as error:
+        raise ValueError(f"{repo}: {error.response.status_code if error.response is not None else ''} from the hub; "
+                         "check the dataset name (and set hf_token for a private one)") from None
+    copy_folder(Path(folder), destination, result)
+
+
+def _upload(destination: Path, result: DataResult) -> None:
+    from google.colab import files  # only offered in Colab
+
+    for name, data in files.upload().items():
+        saved = destination / Path(name).name
+        saved.write_bytes(data)
+        if saved.suffix.lower() == ".zip":
+            extract_zip(saved, destination, result)
+            saved.unlink()
+        elif _kept(saved.name):
+            result.added.append(saved)
+
+
+@one_line_errors
+def get_data(workspace: Workspace, source: str = "zip", location: str = "", subfolder: str = "",
+             hf_token: str = "") -> DataResult:
+    """Bring images (and captions) into ``train_data/<subfolder>``; existing files with the same name are replaced."""
+    if source not in SOURCES:
+        raise ValueError(f"source must be one of {', '.join(SOURCES)} (got {source!r})")
+    destination = workspace.train_data / subfolder.strip().strip("/") if subfolder.strip() else workspace.train_data
+    destination.mkdir(parents=True, exist_ok=True)
+    result = DataResult(destination)
+    if source == "upload":
+        _upload(destination, result)
+    elif source == "urls":
+        download_urls(location, destination, result)
+    elif source == "hub":
+        hub_dataset(location.strip(), destination, result, hf_token)
+    else:
+        path = Path(location.strip()).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: not found; give the {source} path (e.g. on /content/drive/MyDrive)")
+        extract_zip(path, destination, result) if source == "zip" else copy_folder(path, destination, result)
+    logger.info("%d file(s) added to %s", len(result.added), destination)
+    return result
+
+
+@one_line_errors
+def dataset_report(workspace: Workspace, resolution: int = 512, caption_extension: str = "", batch_size: int = 1):
+    """The dataset doctor on ``train_data/`` (the same report as ``lycolab check-dataset``)."""
+    from lycolab.data.report import check_dataset, folder_datasets
+
+    extension = caption_extension or workspace.recall("caption_extension", ".txt")
+    return check_dataset(folder_datasets(workspace.train_data, str(resolution), extension), batch_size)
