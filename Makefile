@@ -8,7 +8,7 @@ DEMO_OUT ?= demo_out
 # CUDA build. Override with e.g. `make test TORCH_SPEC="torch==2.5.1"`.
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench notebooks clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +27,7 @@ demo: $(VENV)/.installed-runtime
 	HF_HUB_OFFLINE=1 $(BIN)/lycolab demo --out $(DEMO_OUT)
 
 lint: $(VENV)/.installed-test
-	$(BIN)/ruff check lycolab tests bench
+	$(BIN)/ruff check lycolab tests bench scripts
 
 test: $(VENV)/.installed-test lint
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
@@ -35,6 +35,10 @@ test: $(VENV)/.installed-test lint
 # Adapter speed/memory vs the lycoris-lora package on an SD1.5-size U-Net (CPU: about 15 minutes).
 bench: $(VENV)/.installed-test
 	$(BIN)/python bench/networks.py --write docs/benchmarks.md
+
+# Rebuild notebooks/*.ipynb from notebooks/src/*.py (the tests fail when they are stale).
+notebooks: $(VENV)/.installed-runtime
+	$(BIN)/python scripts/build_notebooks.py
 
 clean:
 	rm -rf $(DEMO_OUT) .pytest_cache

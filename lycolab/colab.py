@@ -132,6 +132,23 @@ def open_workspace(project: str, root: str | Path | None = None, use_drive: bool
     return workspace
 
 
+def secret(name: str) -> str | None:
+    """A token from the environment, or from Colab's secrets panel (🔑) in Colab — never from a notebook form,
+    whose values are saved in the notebook file."""
+    import os
+
+    if os.environ.get(name):
+        return os.environ[name]
+    if not in_colab():
+        return None
+    try:
+        from google.colab import userdata
+
+        return userdata.get(name)
+    except Exception:  # not granted to this notebook, or not defined: downloads go without a token
+        return None
+
+
 def _mount_drive() -> None:
     if (DRIVE_MOUNT / "MyDrive").is_dir():
         return

@@ -68,14 +68,27 @@ def _network(category: str, network_dim: int, network_alpha: float, conv_dim: in
             "network_args": args}
 
 
+# The model form's choices → (v2, v_parameterization); "auto" keeps what step 02 found.
+MODEL_VERSIONS = {"SD 1.x": (False, False), "SD 2.x (512, base)": (True, False),
+                  "SD 2.x (768, v-prediction)": (True, True)}
+
+
+def _model_version(workspace: Workspace, model_version: str) -> tuple[bool, bool]:
+    if model_version == "auto":
+        return bool(workspace.recall("v2", False)), bool(workspace.recall("v_parameterization", False))
+    if model_version not in MODEL_VERSIONS:
+        raise ValueError(f"model_version must be auto or one of {', '.join(MODEL_VERSIONS)} (got {model_version!r})")
+    return MODEL_VERSIONS[model_version]
+
+
 def _optional(value: float | int) -> float | int | None:
     """Forms cannot leave a number empty: 0 (or -1 for the seed) means "not set"."""
     return value if value and value > 0 else None
 
 
 @one_line_errors
-def configure(workspace: Workspace, *, v2: bool | None = None, v_parameterization: bool | None = None,
-              pretrained_model_name_or_path: str = "", vae: str = "",
+def configure(workspace: Workspace, *, model_version: str = "auto", pretrained_model_name_or_path: str = "",
+              vae: str = "",
               dataset_repeats: int = 10, caption_extension: str = "", resolution: int = 512, flip_aug: bool = False,
               keep_tokens: int = 0, shuffle_caption: bool = True, enable_bucket: bool = True,
               min_bucket_reso: int = 256, max_bucket_reso: int = 1024, bucket_no_upscale: bool = False,
@@ -108,11 +121,10 @@ def configure(workspace: Workspace, *, v2: bool | None = None, v_parameterizatio
             shuffle_caption=shuffle_caption, keep_tokens=keep_tokens, flip_aug=flip_aug) for subset in dataset.subsets]
     dataset_file = write_dataset_config(datasets, workspace.dataset_config)
     prompt_file = _write_prompts(workspace, sample_prompts) if enable_sample_prompt else None
+    v2, v_parameterization = _model_version(workspace, model_version)
     values = {
         "pretrained_model_name_or_path": model, "vae": vae.strip() or workspace.recall("vae", "") or None,
-        "v2": workspace.recall("v2", False) if v2 is None else v2,
-        "v_parameterization": workspace.recall("v_parameterization", False) if v_parameterization is None
-        else v_parameterization,
+        "v2": v2, "v_parameterization": v_parameterization,
         **_network(network_category, network_dim, network_alpha, conv_dim, conv_alpha),
         "unet_lr": unet_lr, "text_encoder_lr": text_encoder_lr, "learning_rate": unet_lr,
         "network_train_unet_only": network_train_unet_only, "optimizer_type": optimizer_type,

@@ -1,7 +1,9 @@
 """Step 02: the base model and an optional VAE — a preset, hub repo or file, URL, Civitai model, or a local path.
 
-Tokens typed into the form are handed to the download only (as an HTTP header); they are never saved, printed or
-remembered. What later steps need (paths, v2, v-prediction) is remembered in the workspace.
+Tokens come from ``HF_TOKEN`` / ``CIVITAI_TOKEN`` (environment, or Colab's secrets panel) and go to the download
+only, as an HTTP header; they are never saved, printed or remembered, and the notebook has no field for them (form
+values are saved inside the notebook file). What later steps need (paths, v2, v-prediction) is remembered in the
+workspace.
 """
 
 from __future__ import annotations
@@ -43,8 +45,11 @@ def _fetch(source: str, folder: Path, token: str | None) -> Path:
 
 
 def _token(source: str, hf_token: str, civitai_token: str) -> str | None:
-    is_civitai = source.startswith("civitai:") or "civitai.com" in source
-    return (civitai_token if is_civitai else hf_token) or None
+    from lycolab.colab import secret
+
+    if source.startswith("civitai:") or "civitai.com" in source:
+        return civitai_token or secret("CIVITAI_TOKEN")
+    return hf_token or secret("HF_TOKEN")
 
 
 @one_line_errors
