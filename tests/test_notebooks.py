@@ -12,6 +12,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+import tomllib
 from conftest import make_shapes_dataset
 from IPython.core.inputtransformer2 import TransformerManager
 from safetensors import safe_open
@@ -192,3 +193,15 @@ def test_a_bad_value_fails_the_cell_in_one_line(project):
                                                "unet_lr": "fast"}, root)
     assert "unet_lr must be a number like 1e-4" in str(caught.value)
     assert "Traceback" not in str(caught.value).split("unet_lr must be")[0][-300:]
+
+
+def test_the_colab_requirements_hold_every_runtime_dependency_but_never_torch():
+    """01 installs requirements-colab.txt and then lycolab with --no-deps, so that file must be complete."""
+    with (ROOT / "pyproject.toml").open("rb") as handle:
+        dependencies = tomllib.load(handle)["project"]["dependencies"]
+    name = re.compile(r"^[A-Za-z0-9_.-]+")
+    needed = {name.match(item).group(0).lower() for item in dependencies if "python_version" not in item}
+    lines = [line.strip() for line in (ROOT / "requirements-colab.txt").read_text().splitlines()]
+    listed = {name.match(line).group(0).lower() for line in lines if line and not line.startswith("#")}
+    assert needed - {"torch"} <= listed, needed - listed
+    assert not listed & {"torch", "torchvision", "torchaudio"}
