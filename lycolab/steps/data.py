@@ -143,7 +143,10 @@ def get_data(workspace: Workspace, source: str = "zip", location: str = "", subf
         path = Path(location.strip()).expanduser()
         if not path.exists():
             raise FileNotFoundError(f"{path}: not found; give the {source} path (e.g. on /content/drive/MyDrive)")
-        extract_zip(path, destination, result) if source == "zip" else copy_folder(path, destination, result)
+        if source == "zip":
+            extract_zip(path, destination, result)
+        else:
+            copy_folder(path, destination, result)
     logger.info("%d file(s) added to %s", len(result.added), destination)
     return result
 
