@@ -83,6 +83,19 @@ class Table:
         return f"{title}<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{notes}"
 
 
+class ShownAsTable:
+    """For step results: define ``table()`` and the notebook and the terminal both show it."""
+
+    def table(self) -> Table:
+        raise NotImplementedError
+
+    def _repr_html_(self) -> str:
+        return self.table()._repr_html_()
+
+    def __str__(self) -> str:
+        return str(self.table())
+
+
 def thumbnail_data_uri(path: Path, size: int = 256) -> str:
     """A small JPEG of an image as a data URI, so a notebook shows it without serving files."""
     from PIL import Image

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from lycolab.colab import Workspace
 from lycolab.data.scan import IMAGE_EXTENSIONS, caption_suffix
-from lycolab.display import Gallery, Table, one_line_errors
+from lycolab.display import Gallery, ShownAsTable, Table, one_line_errors
 from lycolab.files import atomic_write
 
 METHODS = ("wd14", "blip", "none")
@@ -29,7 +29,7 @@ def _split(text: str) -> list[str]:
 
 
 @dataclass
-class AnnotationSummary:
+class AnnotationSummary(ShownAsTable):
     method: str
     written: int = 0
     kept: int = 0
@@ -42,12 +42,6 @@ class AnnotationSummary:
             notes.append("existing captions were kept; choose overwrite or append to change them")
         return Table([{"method": self.method, "captions written": self.written, "kept": self.kept,
                        "edited": self.edited}], title="annotation", notes=notes)
-
-    def _repr_html_(self) -> str:
-        return self.table()._repr_html_()
-
-    def __str__(self) -> str:
-        return str(self.table())
 
 
 @one_line_errors

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lycolab.colab import Workspace
-from lycolab.display import Table, one_line_errors
+from lycolab.display import ShownAsTable, Table, one_line_errors
 
 # The old notebook's network_category choices → (network_module, algo, uses conv layers)
 NETWORK_CATEGORIES = {
@@ -28,7 +28,7 @@ DEFAULT_SAMPLE_PROMPT = ("masterpiece, best quality, {trigger} --n lowres, bad a
 
 
 @dataclass
-class TrainingPlan:
+class TrainingPlan(ShownAsTable):
     """What the written configuration will do, shown before anyone waits an hour."""
 
     config_file: Path
@@ -48,12 +48,6 @@ class TrainingPlan:
         return Table([{"images": self.images, "per epoch (with repeats)": self.images_per_epoch,
                        "steps per epoch": self.steps_per_epoch, "epochs": self.epochs, "total steps": self.total_steps,
                        "network": self.network}], title="training plan", notes=notes)
-
-    def _repr_html_(self) -> str:
-        return self.table()._repr_html_()
-
-    def __str__(self) -> str:
-        return str(self.table())
 
 
 def _network(category: str, network_dim: int, network_alpha: float, conv_dim: int, conv_alpha: float

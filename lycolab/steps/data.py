@@ -17,7 +17,7 @@ from pathlib import Path, PurePosixPath
 
 from lycolab.colab import Workspace
 from lycolab.data.scan import IMAGE_EXTENSIONS
-from lycolab.display import Table, one_line_errors
+from lycolab.display import ShownAsTable, Table, one_line_errors
 from lycolab.files import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -27,7 +27,7 @@ KEPT_EXTENSIONS = IMAGE_EXTENSIONS + (".txt", ".caption")
 
 
 @dataclass
-class DataResult:
+class DataResult(ShownAsTable):
     folder: Path
     added: list[Path] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
@@ -37,12 +37,6 @@ class DataResult:
         notes = [f"skipped: {item}" for item in self.skipped[:20]]
         return Table([{"folder": str(self.folder), "images added": len(images),
                        "caption files added": len(self.added) - len(images)}], title="training data", notes=notes)
-
-    def _repr_html_(self) -> str:
-        return self.table()._repr_html_()
-
-    def __str__(self) -> str:
-        return str(self.table())
 
 
 def _kept(name: str) -> bool:

@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lycolab.colab import Workspace
-from lycolab.display import Table, one_line_errors
+from lycolab.display import ShownAsTable, Table, one_line_errors
 
 
 @dataclass(frozen=True)
-class ModelChoice:
+class ModelChoice(ShownAsTable):
     model: Path
     vae: Path | None
     v2: bool
@@ -27,12 +27,6 @@ class ModelChoice:
         note = f"Stable Diffusion {'2.x' if self.v2 else '1.x'}" + (", v-prediction" if self.v_parameterization
                                                                       else "")
         return Table(rows, title="base model", notes=[note])
-
-    def _repr_html_(self) -> str:
-        return self.table()._repr_html_()
-
-    def __str__(self) -> str:
-        return str(self.table())
 
 
 def _fetch(source: str, folder: Path, token: str | None) -> Path:
