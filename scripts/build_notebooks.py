@@ -100,8 +100,9 @@ def build() -> dict[Path, str]:
     intro = {"cell_type": "markdown", "metadata": {}, "source": _lines(
         "# lycolab · all steps in one notebook\n\nSteps 01–08 one after another (generated from the step notebooks by "
         "`scripts/build_notebooks.py`). Run it top to bottom, or open the step notebooks to re-run one step.")}
-    combined = notebook([intro, *every_cell], ALL_IN_ONE)
-    built[NOTEBOOKS / ALL_IN_ONE] = _dump(_with_ids(combined, "all"))
+    intro["id"] = "all-00"
+    combined = notebook([intro, *every_cell], ALL_IN_ONE)  # cells keep their step's ids ("05-03"): unique, traceable
+    built[NOTEBOOKS / ALL_IN_ONE] = _dump(combined)
     return built
 
 

@@ -95,26 +95,30 @@ def test_notebook_cells_are_forms_calls_or_displays_with_no_outputs_or_tokens(pa
         assert "open_workspace" in "".join(notebook.cells[2].source)
 
 
-def inject(path: Path, values: dict[str, object]) -> nbformat.NotebookNode:
-    """The notebook with form values replaced, as papermill would inject them."""
+def inject(path: Path, values: dict[str, object], per_step: dict[str, dict[str, object]] | None = None
+           ) -> nbformat.NotebookNode:
+    """The notebook with form values replaced, as papermill would inject them; ``per_step`` adds values for the
+    cells of one step only (by the "NN-" id prefix the all-in-one notebook keeps)."""
     notebook = nbformat.read(path, as_version=4)
     for cell in notebook.cells:
         if "parameters" not in cell.metadata.get("tags", []):
             continue
+        cell_values = {**values, **(per_step or {}).get(cell.id[:2], {})}
         lines = []
         for line in "".join(cell.source).split("\n"):
             match = PARAM_LINE.match(line)
-            if match and match.group(2) in values:
-                line = f"{match.group(1)}{match.group(2)} = {values[match.group(2)]!r}{match.group(4)}"
+            if match and match.group(2) in cell_values:
+                line = f"{match.group(1)}{match.group(2)} = {cell_values[match.group(2)]!r}{match.group(4)}"
             lines.append(line)
         cell.source = "\n".join(lines)
     return notebook
 
 
-def execute(path: Path, values: dict[str, object], cwd: Path) -> nbformat.NotebookNode:
+def execute(path: Path, values: dict[str, object], cwd: Path, per_step: dict[str, dict[str, object]] | None = None
+            ) -> nbformat.NotebookNode:
     from nbclient import NotebookClient
 
-    notebook = inject(path, values)
+    notebook = inject(path, values, per_step)
     NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(cwd)}}).execute()
     return notebook
 
@@ -125,53 +129,74 @@ def _outputs(notebook, mime: str) -> list:
 
 
 @pytest.fixture(scope="module")
-def project(tiny_model_dir, tmp_path_factory):
-    """Every step notebook run in order, in fresh kernels, on the tiny model; returns (paths, executed notebooks)."""
-    root = tmp_path_factory.mktemp("notebooks")
+def inputs(tiny_model_dir, tmp_path_factory):
+    """A zip of 4 captioned images, a tiny WD14 tagger and each step's form values for the tiny model."""
+    root = tmp_path_factory.mktemp("notebook-inputs")
     make_shapes_dataset(root / "source")
     archive = root / "images.zip"
     with zipfile.ZipFile(archive, "w") as bundle:
         for image in sorted((root / "source" / "2_shapes").glob("*.png")):
             bundle.write(image, f"2_shapes/{image.name}")
     tagger = build_tagger(root / "tagger")
-    workspace = {"project": "nbtest", "workspace_root": str(root / "ws")}
-    values = {
-        "01_install": {"install_packages": False},
-        "02_download_model": {"base_model": str(tiny_model_dir), "vae_model": ""},
-        "03_get_data": {"source": "zip", "location": str(archive), "resolution": 64},
-        "04_annotate": {"method": "wd14", "annotation_model": str(tagger), "undesired_tags": "tag_b",
-                        "trigger_word": "sks", "images_to_show": 2},
-        "05_configure": {"resolution": 64, "dataset_repeats": 1, "network_category": "LoHa", "network_dim": 4,
-                         "network_alpha": 2, "conv_dim": 2, "conv_alpha": 1, "optimizer_type": "AdamW",
-                         "unet_lr": 1e-3, "num_epochs": 2, "train_batch_size": 2, "mixed_precision": "no",
-                         "save_precision": "float", "xformers": False, "max_token_length": 75, "seed": 1,
-                         "sample_prompts": "sks, red circle --w 64 --h 64 --s 2"},
-        "07_save_to_drive": {"destination": str(root / "drive")},
-        "08_compare_epochs": {"prompts": "sks, red circle --w 64 --h 64", "steps": 2},
+    return {
+        "01": {"install_packages": False},
+        "02": {"base_model": str(tiny_model_dir), "vae_model": ""},
+        "03": {"source": "zip", "location": str(archive), "resolution": 64},
+        "04": {"method": "wd14", "annotation_model": str(tagger), "undesired_tags": "tag_b", "trigger_word": "sks",
+               "images_to_show": 2},
+        "05": {"resolution": 64, "dataset_repeats": 1, "network_category": "LoHa", "network_dim": 4,
+               "network_alpha": 2, "conv_dim": 2, "conv_alpha": 1, "optimizer_type": "AdamW", "unet_lr": 1e-3,
+               "num_epochs": 2, "train_batch_size": 2, "mixed_precision": "no", "save_precision": "float",
+               "xformers": False, "max_token_length": 75, "seed": 1,
+               "sample_prompts": "sks, red circle --w 64 --h 64 --s 2"},
+        "07": {"destination": str(root / "drive")},
+        "08": {"prompts": "sks, red circle --w 64 --h 64", "steps": 2},
     }
-    executed = {name: execute(NOTEBOOKS / f"{name}.ipynb", {**workspace, **values.get(name, {})}, root)
-                for name in STEPS}
-    return root, root / "ws" / "nbtest", executed
 
 
-def test_every_step_notebook_runs_in_order_and_leaves_its_files(project):
-    root, ws, executed = project
+def assert_every_step_left_its_files(ws: Path, drive: Path) -> None:
     choices = json.loads((ws / "config" / "workspace.json").read_text())
     assert Path(choices["model"]).is_dir() and choices["caption_extension"] == ".txt"  # 02 and 04
     images = sorted((ws / "train_data" / "2_shapes").glob("*.png"))
     assert len(images) == 4  # 03
     assert all(image.with_suffix(".txt").read_text().startswith("sks, ") for image in images)  # 04
     assert not any("tag_b" in image.with_suffix(".txt").read_text() for image in images)
-    for name in ("config_file.toml", "dataset_config.toml", "sample_prompt.txt"):  # 05
-        assert (ws / "config" / name).is_file()
-    assert (ws / "output" / "nbtest.safetensors").is_file() and (ws / "output" / "nbtest-000001.safetensors").is_file()
-    assert (ws / "output" / "nbtest-state").is_dir() and (ws / "logs" / "loss.csv").is_file()  # 06
+    for file_name in ("config_file.toml", "dataset_config.toml", "sample_prompt.txt"):  # 05
+        assert (ws / "config" / file_name).is_file()
+    output = ws / "output"
+    assert (output / f"{ws.name}.safetensors").is_file() and (output / f"{ws.name}-000001.safetensors").is_file()
+    assert (output / f"{ws.name}-state").is_dir() and (ws / "logs" / "loss.csv").is_file()  # 06
     assert list((ws / "output" / "sample").glob("*_grid.png"))
-    assert len(list((root / "drive").glob("*.zip"))) == 3  # 07: output, config, logs
+    assert len(list(drive.glob("*.zip"))) == 3  # 07: output, config, logs
     assert list((ws / "output" / "compare").glob("*.png"))  # 08
+
+
+@pytest.fixture(scope="module")
+def project(inputs, tmp_path_factory):
+    """Every step notebook run in order, each in a fresh kernel; returns (root, workspace, executed notebooks)."""
+    root = tmp_path_factory.mktemp("notebooks")
+    workspace = {"project": "nbtest", "workspace_root": str(root / "ws")}
+    executed = {name: execute(NOTEBOOKS / f"{name}.ipynb", {**workspace, **inputs.get(name[:2], {})}, root)
+                for name in STEPS}
+    return root, root / "ws" / "nbtest", executed
+
+
+def test_every_step_notebook_runs_in_order_and_leaves_its_files(project, inputs):
+    root, ws, executed = project
+    assert_every_step_left_its_files(ws, Path(inputs["07"]["destination"]))
     assert _outputs(executed["06_train"], "image/png"), "the live loss plot is shown"
     assert _outputs(executed["05_configure"], "text/html"), "the plan is shown as a table"
     assert _outputs(executed["08_compare_epochs"], "text/html")
+
+
+def test_the_all_in_one_notebook_runs_top_to_bottom(inputs, tmp_path):
+    drive = tmp_path / "drive"
+    per_step = {**inputs, "07": {"destination": str(drive)}}
+    executed = execute(NOTEBOOKS / "lycolab_all_in_one.ipynb", {"project": "allinone",
+                                                                "workspace_root": str(tmp_path / "ws")},
+                       tmp_path, per_step)
+    assert_every_step_left_its_files(tmp_path / "ws" / "allinone", drive)
+    assert _outputs(executed, "image/png")
 
 
 def test_the_training_step_reruns_alone_in_a_fresh_kernel_with_another_learning_rate(project):
