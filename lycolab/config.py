@@ -165,6 +165,7 @@ class TrainConfig:
     sample_every_n_epochs: int | None = None
     sample_sampler: str = "euler_a"
     sample_prompts: str | None = None
+    sample_at_first: bool = False
     # filled from dataset_config.toml (or train_data_dir); not a config_file.toml key
     datasets: list[DatasetConfig] = field(default_factory=list)
 
@@ -194,7 +195,8 @@ CONFIG_SECTIONS: dict[str, tuple[str, ...]] = {
         "max_train_steps", "seed", "gradient_checkpointing", "gradient_accumulation_steps", "mixed_precision",
         "clip_skip", "logging_dir", "log_prefix", "noise_offset", "min_snr_gamma", "lowram",
     ),
-    "sample_prompt_arguments": ("sample_every_n_steps", "sample_every_n_epochs", "sample_sampler", "sample_prompts"),
+    "sample_prompt_arguments": ("sample_every_n_steps", "sample_every_n_epochs", "sample_sampler", "sample_prompts",
+                                "sample_at_first"),
     "dreambooth_arguments": ("prior_loss_weight",),
     "saving_arguments": ("save_model_as",),
 }

@@ -44,8 +44,8 @@ def test_a_run_with_the_seed_guides_options_saves_samples_and_logs_everything(ti
         "lowram": True, "training_comment": "options run", "max_train_epochs": 4, "train_batch_size": 2,
         "save_every_n_epochs": 1, "save_last_n_epochs": 2, "save_every_n_steps": 3, "save_last_n_steps": 2,
         "sample_every_n_epochs": 2, "sample_every_n_steps": 5, "sample_prompts": str(tmp_path / "prompts.txt"),
-        "sample_sampler": "ddim", "output_dir": str(out), "output_name": "opt", "logging_dir": str(logs),
-        "log_prefix": "opt_",
+        "sample_sampler": "ddim", "sample_at_first": True, "output_dir": str(out), "output_name": "opt",
+        "logging_dir": str(logs), "log_prefix": "opt_",
     })
     result = train(config, progress=False)
     assert result.total_steps == 8  # 8 images with repeats / batch 2 = 4 batches, 2 per step, 4 epochs
@@ -63,9 +63,9 @@ def test_a_run_with_the_seed_guides_options_saves_samples_and_logs_everything(ti
     assert (metadata["ss_epoch"], metadata["ss_steps"], metadata["ss_lr_scheduler"]) == (
         "4", "8", "cosine_with_restarts")
 
-    # Samples at step 5 and epoch 2, then the end: every prompt with its size, a grid per round.
+    # Samples before training, at epoch 2 and step 5, then the end: every prompt with its size, a grid per round.
     sample_dir = out / "sample"
-    stems = ["opt_e000002", "opt_000005", "opt_e000004"]  # in the order they were made
+    stems = ["opt_e000000", "opt_e000002", "opt_000005", "opt_e000004"]  # in the order they were made
     assert sorted(p.name for p in sample_dir.glob("*_grid.png")) == sorted(f"{stem}_grid.png" for stem in stems)
     for stem in stems:
         sizes = [Image.open(sample_dir / f"{stem}_{index:02d}.png").size for index in range(3)]
@@ -86,6 +86,24 @@ def test_a_run_with_the_seed_guides_options_saves_samples_and_logs_everything(ti
     assert result.tensorboard_dir.parent == logs and result.tensorboard_dir.name.startswith("opt_")
     assert {"loss/current", "loss/average", "lr/unet", "lr/textencoder"} <= set(events.Tags()["scalars"])
     assert [event.step for event in events.Scalars("loss/current")] == list(range(1, 9))
+
+
+def test_prompt_files_in_sd_scripts_toml_and_json_forms(tmp_path):
+    from lycolab.training.sampling import SamplePrompt, read_prompt_file
+
+    (tmp_path / "p.toml").write_text(
+        '[prompt]\nwidth = 64\nscale = 5.5\nsample_steps = 3\n\n[[prompt.subset]]\nprompt = "a cat"\nseed = 7\n\n'
+        '[[prompt.subset]]\nprompt = "a dog"\nnegative_prompt = "blurry"\nheight = 96\n', encoding="utf-8")
+    (tmp_path / "p.json").write_text('[{"prompt": "a cat", "width": 64, "scale": 5.5, "sample_steps": 3, '
+                                     '"seed": 7}]', encoding="utf-8")
+    defaults = SamplePrompt("", width=512, height=512)
+    cat = SamplePrompt("a cat", width=64, height=512, steps=3, guidance_scale=5.5, seed=7)
+    assert read_prompt_file(tmp_path / "p.toml", defaults) == [
+        cat, SamplePrompt("a dog", "blurry", width=64, height=96, steps=3, guidance_scale=5.5)]
+    assert read_prompt_file(tmp_path / "p.json", defaults) == [cat]
+    (tmp_path / "bad.json").write_text("[{", encoding="utf-8")
+    with pytest.raises(ValueError, match="bad.json: not a readable prompt file"):
+        read_prompt_file(tmp_path / "bad.json")
 
 
 @pytest.mark.parametrize(("only", "prefix"), [("network_train_unet_only", "lora_unet_"),

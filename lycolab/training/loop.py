@@ -518,6 +518,8 @@ class Trainer:
         step, epoch, start_batch = self.position
         bar = tqdm(total=self.plan.total_steps, initial=step, desc="steps", smoothing=0,
                    disable=not (self.progress and self.is_main))
+        if self.config.sample_at_first and step == 0:
+            self.sample(f"{self.name}_e000000")  # the untrained look, to compare the first epochs against
         self.network.train()
         try:
             finished = step >= self.plan.total_steps

@@ -6,13 +6,20 @@ the same text encoding (clip_skip, long prompts) as training.
 
 from __future__ import annotations
 
+import json
 import logging
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from lycolab.models.text import encode_prompts
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - the same parser under its old name
+    import tomli as tomllib
 
 logger = logging.getLogger(__name__)
 
@@ -66,9 +73,37 @@ def parse_prompt_line(line: str, defaults: SamplePrompt = SamplePrompt("")) -> S
     return sample
 
 
+# sd-scripts' key names in .toml / .json prompt files → SamplePrompt fields
+STRUCTURED_KEYS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "width": "width", "height": "height",
+                   "sample_steps": "steps", "scale": "guidance_scale", "seed": "seed"}
+
+
 def read_prompt_file(path: str | Path, defaults: SamplePrompt = SamplePrompt("")) -> list[SamplePrompt]:
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    """Prompts from a kohya text file (one per line), or sd-scripts' ``.toml`` (``[prompt]`` defaults plus
+    ``[[prompt.subset]]`` entries) and ``.json`` (a list of objects) forms."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() in (".toml", ".json"):
+        return _structured_prompts(path, text, defaults)
+    lines = text.splitlines()
     return [prompt for prompt in (parse_prompt_line(line, defaults) for line in lines) if prompt is not None]
+
+
+def _structured_prompts(path: Path, text: str, defaults: SamplePrompt) -> list[SamplePrompt]:
+    try:
+        if path.suffix.lower() == ".toml":
+            document = tomllib.loads(text).get("prompt", {})
+            common, entries = {k: v for k, v in document.items() if k != "subset"}, document.get("subset", [])
+        else:
+            common, entries = {}, json.loads(text)
+    except ValueError as error:
+        raise ValueError(f"{path}: not a readable prompt file ({error})") from None
+    prompts = []
+    for entry in entries:
+        values = {STRUCTURED_KEYS[key]: value for key, value in {**common, **entry}.items() if key in STRUCTURED_KEYS}
+        if values.get("prompt"):
+            prompts.append(replace(defaults, **values))
+    return prompts
 
 
 def make_sampler(name: str, training_scheduler_config):
