@@ -51,6 +51,7 @@ def broadcast_int(value: int) -> int:
     """Process 0's value of an integer (the run's seed when none was configured)."""
     if not is_distributed():
         return value
-    tensor = torch.tensor([value], dtype=torch.int64)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    tensor = torch.tensor([value], dtype=torch.int64, device=device)  # NCCL only moves GPU tensors
     dist.broadcast(tensor, src=0)
     return int(tensor.item())
