@@ -100,7 +100,6 @@ def configure(workspace: Workspace, *, model_version: str = "auto", pretrained_m
     """Write both TOML files (and the sample prompts) from the form, validate them and return the plan."""
     from lycolab.config import load_config, write_config_file, write_dataset_config
     from lycolab.data.report import folder_datasets
-    from lycolab.training.loop import plan_run
 
     model = pretrained_model_name_or_path.strip() or workspace.recall("model", "")
     if not model:
@@ -138,7 +137,7 @@ def configure(workspace: Workspace, *, model_version: str = "auto", pretrained_m
     }
     config = load_config(overrides={key: value for key, value in values.items() if value is not None})
     config_file = write_config_file(config, workspace.config_file)
-    return _plan(load_config(config_file), config_file, dataset_file, plan_run, network_category)
+    return _plan(load_config(config_file), config_file, dataset_file, network_category)
 
 
 def _has_repeat_prefix(folder: str) -> bool:
@@ -154,8 +153,9 @@ def _write_prompts(workspace: Workspace, sample_prompts: str) -> Path:
     return atomic_write_text(workspace.config / "sample_prompt.txt", text.replace("\\n", "\n") + "\n")
 
 
-def _plan(config, config_file: Path, dataset_file: Path, plan_run, category: str) -> TrainingPlan:
+def _plan(config, config_file: Path, dataset_file: Path, category: str) -> TrainingPlan:
     from lycolab.data.dataset import BucketedDataset
+    from lycolab.training.loop import plan_run
 
     dataset = BucketedDataset(config.datasets, config.train_batch_size)
     plan = plan_run(config, dataset)

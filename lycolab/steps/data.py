@@ -109,8 +109,7 @@ def _upload(destination: Path, result: DataResult) -> None:
     from google.colab import files  # only offered in Colab
 
     for name, data in files.upload().items():
-        saved = destination / Path(name).name
-        saved.write_bytes(data)
+        saved = atomic_write(destination / Path(name).name, lambda temporary, data=data: temporary.write_bytes(data))
         if saved.suffix.lower() == ".zip":
             extract_zip(saved, destination, result)
             saved.unlink()

@@ -209,8 +209,7 @@ class Trainer:
         if not resume:
             return None
         if resume == "latest":
-            folder = find_latest_state(self.config.output_dir, self.name) if Path(self.config.output_dir).is_dir() \
-                else None
+            folder = find_latest_state(self.config.output_dir, self.name)  # None too when output_dir is new
             if folder is None:
                 logger.info("resume = latest: no %s-*state folder in %s yet, starting from the beginning",
                             self.name, self.config.output_dir)
