@@ -6,12 +6,22 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 from PIL import Image
 
 from lycolab.demo import draw_shape_image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+# Property-based tests: the "ci" profile is fixed-seed and small (the whole fuzz share of `make test` stays within
+# about 3 minutes); `make fuzz` selects "fuzz" for long runs that look much further.
+_QUIET_CHECKS = [HealthCheck.too_slow, HealthCheck.function_scoped_fixture, HealthCheck.data_too_large]
+settings.register_profile("ci", derandomize=True, max_examples=25, deadline=None, print_blob=True,
+                          suppress_health_check=_QUIET_CHECKS)
+settings.register_profile("fuzz", max_examples=2000, deadline=None, print_blob=True,
+                          suppress_health_check=_QUIET_CHECKS)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture(scope="session")

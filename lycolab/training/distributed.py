@@ -26,7 +26,12 @@ def share(items: list, rank: int, world: int) -> tuple[list, range]:
 
 
 def sum_gradients_and_loss(parameters: list[nn.Parameter], loss: torch.Tensor) -> torch.Tensor:
-    """All-reduce (sum) every gradient and the loss in one flat buffer; returns the summed loss."""
+    """All-reduce (sum) every gradient and the loss in one flat float32 buffer; returns the summed loss.
+
+    A process that had no gradient for a parameter (an empty share of a short last batch) adds zeros. The sums are
+    copied back into each parameter's own gradient tensor rather than left as views of the buffer, so the optimizer
+    and the gradient clipping see tensors laid out exactly as in a single process.
+    """
     if not is_distributed():
         return loss
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
@@ -35,7 +40,8 @@ def sum_gradients_and_loss(parameters: list[nn.Parameter], loss: torch.Tensor) -
     offset = 0
     for parameter, grad in zip(parameters, grads, strict=True):
         count = grad.numel()
-        parameter.grad = flat[offset:offset + count].view_as(grad).to(grad.dtype)
+        grad.copy_(flat[offset:offset + count].view_as(grad))
+        parameter.grad = grad
         offset += count
     return flat[-1]
 
