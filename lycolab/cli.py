@@ -1,18 +1,30 @@
-"""The ``lycolab`` command. Errors users can fix are one line on stderr, never a traceback."""
+"""The ``lycolab`` command. Errors users can fix are one line on stderr, never a traceback.
+
+Exit codes: 0 done; 1 the run failed (a one-line error: bad config, model, image or adapter file, download, a dataset
+with nothing usable — or a bug, which keeps its traceback); 2 the command line itself is wrong (argparse's
+convention: unknown option, missing argument, a value without its ``--key``); 130 interrupted.
+"""
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import errno
 import logging
 import os
 import sys
 import time
+import traceback
 from typing import Any
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
+
+
+class UsageError(Exception):
+    """A command line that cannot mean anything (exit 2, like argparse's own errors); the message says what to give."""
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -26,9 +38,11 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         if item.startswith("--"):
             key, separator, inline = item[2:].partition("=")
             key = key.replace("-", "_")
+            if not key.isidentifier():
+                raise UsageError(f"{item!r} is not an option name; options look like --key value")
             overrides[key] = _literal(inline) if separator else True
         elif key is None:
-            raise SystemExit(f"error: unexpected argument {item!r}; options look like --key value")
+            raise UsageError(f"unexpected argument {item!r}; options look like --key value")
         elif overrides[key] is True:
             overrides[key] = _literal(item)
         else:
@@ -38,12 +52,15 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 
 
 def _literal(text: str) -> Any:
+    """A TOML literal (number, bool, string, array), else the text itself; a date such as ``2024-01-01`` stays text
+    (no sd-scripts key takes a date, but output names often look like one)."""
     if not text:
         return ""
     try:
-        return tomllib.loads(f"value = {text}")["value"]
+        value = tomllib.loads(f"value = {text}")["value"]
     except tomllib.TOMLDecodeError:
         return text
+    return text if isinstance(value, (datetime.date, datetime.time)) else value
 
 
 def _quiet_libraries() -> None:
@@ -61,16 +78,50 @@ def _quiet_libraries() -> None:
         transformers_logging.disable_progress_bar()
     except ImportError:  # pragma: no cover - both are hard dependencies
         pass
+    for client in ("httpx", "httpx2"):  # huggingface_hub's HTTP clients log every request at INFO
+        logging.getLogger(client).setLevel(logging.WARNING)
+
+
+def version() -> str:
+    """The installed distribution's version; the source tree's ``lycolab.__version__`` when it is not installed."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed_version
+
+    try:
+        return installed_version("lycolab")
+    except PackageNotFoundError:
+        from lycolab import __version__
+
+        return __version__
+
+
+def _verbosity_options(parser: argparse.ArgumentParser, default: Any) -> None:
+    """-v/-q before the command, and after it too (there ``SUPPRESS`` keeps a value given before)."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("-v", "--verbose", dest="verbosity", action="store_const", const=1, default=default,
+                       help="debug messages, and the traceback of an error")
+    group.add_argument("-q", "--quiet", dest="verbosity", action="store_const", const=-1, default=default,
+                       help="warnings and errors only")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lycolab", description="Train LyCORIS adapters for Stable Diffusion.")
+    parser = argparse.ArgumentParser(prog="lycolab", description="Train LyCORIS adapters for Stable Diffusion.",
+                                     epilog="exit status: 0 done, 1 the run failed, 2 a wrong command line")
+    parser.add_argument("--version", action="version", version=f"lycolab {version()}")
+    _verbosity_options(parser, 0)
     commands = parser.add_subparsers(dest="command", required=True)
+    _add_commands(commands)
+    for command in commands.choices.values():
+        _verbosity_options(command, argparse.SUPPRESS)
+    return parser
+
+
+def _add_commands(commands) -> None:
     demo = commands.add_parser("demo", help="zero-download end-to-end run on the embedded tiny model")
     demo.add_argument("--out", required=True, help="folder for the model, data, config, output and logs")
     demo.add_argument("--algo", default="loha", choices=("loha", "locon", "lora", "lokr"))
     demo.add_argument("--epochs", type=int, default=4)
-    train = commands.add_parser("train", help="kohya-compatible training from config_file.toml")
+    train = commands.add_parser("train", help="kohya-compatible training from config_file.toml", allow_abbrev=False)
     train.add_argument("--config_file", required=True)
     train.add_argument("--dataset_config")
     check = commands.add_parser("check-dataset", help="report what training would use: images, repeats, buckets, "
@@ -89,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "https://…, civitai:9409 (--list shows the presets)", nargs="?")
     fetch.add_argument("--to", default="models", help="destination folder")
     fetch.add_argument("--sha256", help="expected checksum, when known")
+    fetch.add_argument("--variant", help="for a diffusers repo: its variant weights, e.g. fp16 (half the download); "
+                       "components without that variant come in full precision")
     fetch.add_argument("--list", action="store_true", help="list the presets and exit")
     generate = commands.add_parser("generate", help="images with adapters applied; prompts take kohya options "
                                    "(--n negative --w --h --s steps --l CFG --d seed)")
@@ -131,7 +184,6 @@ def build_parser() -> argparse.ArgumentParser:
     caption.add_argument("--prefix", default="")
     caption.add_argument("--suffix", default="")
     _caption_options(caption, ".caption")
-    return parser
 
 
 def _caption_options(parser: argparse.ArgumentParser, extension: str) -> None:
@@ -188,7 +240,7 @@ def _run_check_dataset(args) -> int:
     elif args.image_dir:
         datasets = folder_datasets(args.image_dir, args.resolution, args.caption_extension)
     else:
-        raise SystemExit("lycolab check-dataset: give an image folder, --dataset_config or --config_file")
+        raise UsageError("give an image folder, --dataset_config or --config_file")
     data_logger = logging.getLogger("lycolab.data")
     level = data_logger.level
     data_logger.setLevel(logging.ERROR)  # the report lists skipped files itself
@@ -207,7 +259,8 @@ def _run_download(args) -> int:
         for name, preset in load_presets().items():
             print(f"{name:<16} {preset.kind:<5} {preset.description}")
         return 0
-    print(download(args.source, args.to, sha256=args.sha256))  # tokens come from HF_TOKEN / CIVITAI_TOKEN only
+    # tokens come from HF_TOKEN / CIVITAI_TOKEN only
+    print(download(args.source, args.to, sha256=args.sha256, variant=args.variant))
     return 0
 
 
@@ -218,9 +271,17 @@ def _run_generate(args) -> int:
 
     prompts = list(args.prompt)
     if args.prompt_file:
-        prompts += Path(args.prompt_file).read_text(encoding="utf-8").splitlines()
+        try:
+            prompts += Path(args.prompt_file).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as error:
+            reason = getattr(error, "strerror", None) or type(error).__name__
+            raise ValueError(f"{args.prompt_file}: cannot read the prompt file ({reason}); give a UTF-8 text file, "
+                             "one prompt per line") from None
+    if not prompts and not args.prompt_file:
+        raise UsageError("give --prompt TEXT or --prompt_file FILE")
     if not any(line.strip() and not line.lstrip().startswith("#") for line in prompts):
-        raise SystemExit("lycolab generate: give --prompt TEXT or --prompt_file FILE")
+        raise ValueError(f"{args.prompt_file or '--prompt'}: no prompt in it (blank and # lines are skipped); write "
+                         "one prompt per line")
     paths = generate(args.model, prompts, args.out, [parse_network_spec(spec) for spec in args.network],
                      args.sampler, args.vae, args.clip_skip, args.max_token_length, args.v_parameterization,
                      args.model_config)
@@ -233,7 +294,7 @@ def _run_merge(args) -> int:
     from lycolab.models.generate import merge_into_model, parse_network_spec
 
     if not args.network:
-        raise SystemExit("lycolab merge: give at least one --network FILE[:RATIO]")
+        raise UsageError("give at least one --network FILE[:RATIO]")
     networks = [parse_network_spec(spec) for spec in args.network]
     print(merge_into_model(args.model, networks, args.out, args.vae, model_config=args.model_config))
     return 0
@@ -244,7 +305,7 @@ def _run_tag(args) -> int:
     from lycolab.annotate.wd14 import DEFAULT_REPO, tag_folder
 
     if args.append and args.overwrite:
-        raise SystemExit("lycolab tag: --append and --overwrite exclude each other")
+        raise UsageError("--append and --overwrite exclude each other")
     mode = "append" if args.append else "overwrite" if args.overwrite else "skip"
     result = tag_folder(args.image_dir, args.model_dir or DEFAULT_REPO, args.threshold, args.character_threshold,
                         args.batch_size, args.caption_extension, args.include_rating, not args.keep_underscores,
@@ -266,45 +327,77 @@ def _run_caption(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lycolab.config import ConfigError
-    from lycolab.data.images import UnreadableImage
-    from lycolab.models.download import DownloadError
-    from lycolab.models.load import ModelLoadError
-    from lycolab.networks import AdapterFileError
-    from lycolab.training import TrainingError
-
+    """Run one command; the exit status is returned (see the module docstring), never raised."""
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if extra and args.command != "train":
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    # with several training processes (torchrun / accelerate launch) only the first one reports progress
-    first_process = os.environ.get("RANK", "0") == "0"
-    logging.basicConfig(level=logging.INFO if first_process else logging.WARNING, format="%(message)s",
-                        stream=sys.stdout)
-    _quiet_libraries()
     try:
-        if args.command == "demo":
-            return _run_demo(args)
-        if args.command == "check-dataset":
-            return _run_check_dataset(args)
-        if args.command == "download":
-            return _run_download(args)
-        if args.command == "generate":
-            return _run_generate(args)
-        if args.command == "merge":
-            return _run_merge(args)
-        if args.command == "tag":
-            return _run_tag(args)
-        if args.command == "caption":
-            return _run_caption(args)
-        return _run_train(args, parse_overrides(extra))
-    except (ConfigError, TrainingError, ModelLoadError, AdapterFileError, UnreadableImage, DownloadError,
-            ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        args, extra = parser.parse_known_args(argv)
+        if extra and args.command != "train":
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    except SystemExit as stop:  # --help, --version, or argparse's usage error (already printed)
+        return 0 if stop.code is None else stop.code if isinstance(stop.code, int) else 2
+    logger_level = _configure_logging(args.verbosity)
+    from lycolab.errors import user_errors
+    from lycolab.files import as_write_error
+
+    try:
+        return _run(args, extra)
+    except UsageError as error:
+        print(f"lycolab {args.command}: error: {error} (lycolab {args.command} --help lists the options)",
+              file=sys.stderr)
         return 2
+    except user_errors() as error:
+        if args.verbosity > 0:
+            traceback.print_exc()
+        print(f"error: {_first_line(error)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted; files saved so far are complete", file=sys.stderr)
         return 130
+    except OSError as error:  # a write outside lycolab.files (a PNG, a log) on a full or read-only disk
+        full = error.errno in (errno.ENOSPC, errno.EFBIG, errno.EROFS, getattr(errno, "EDQUOT", errno.ENOSPC))
+        failure = as_write_error(error, error.filename or "the output folder") if full else None
+        if failure is None:
+            traceback.print_exc()
+            print("lycolab: unexpected error (a bug); please report it with the traceback above", file=sys.stderr)
+        else:
+            print(f"error: {failure}", file=sys.stderr)
+        return 1
+    except Exception:  # a bug: keep everything needed to report it
+        traceback.print_exc()
+        print("lycolab: unexpected error (a bug); please report it with the traceback above", file=sys.stderr)
+        return 1
+    finally:
+        logging.getLogger("lycolab").setLevel(logger_level)
+
+
+def _run(args: argparse.Namespace, extra: list[str]) -> int:
+    commands = {"demo": _run_demo, "check-dataset": _run_check_dataset, "download": _run_download,
+                "generate": _run_generate, "merge": _run_merge, "tag": _run_tag, "caption": _run_caption}
+    if args.command == "train":
+        return _run_train(args, parse_overrides(extra))
+    return commands[args.command](args)
+
+
+def _first_line(error: BaseException) -> str:
+    """Our messages are one line; a library's longer one is cut to its first (``-v`` shows it whole)."""
+    lines = str(error).strip().splitlines()
+    if not lines:
+        return type(error).__name__
+    return lines[0] + (" (… -v shows the rest)" if len(lines) > 1 else "")
+
+
+def _configure_logging(verbosity: int) -> int:
+    """Log to stdout: INFO by default (WARNING in the second and later training processes), DEBUG for lycolab's own
+    loggers with -v, WARNING with -q. Returns lycolab's logger level before, for ``main`` to restore (tests and
+    notebooks call ``main`` in-process)."""
+    first_process = os.environ.get("RANK", "0") == "0"
+    level = logging.WARNING if verbosity < 0 or not first_process else logging.INFO
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stdout)
+    package_logger = logging.getLogger("lycolab")
+    before = package_logger.level
+    package_logger.setLevel(logging.DEBUG if verbosity > 0 else level)
+    _quiet_libraries()
+    return before
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -9,7 +9,10 @@ so a typo fails in a second with the key and file named instead of an hour into 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import logging
+import math
+import reprlib
 import sys
 import types
 import typing
@@ -35,6 +38,14 @@ LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine
 MAX_TOKEN_LENGTHS = (75, 150, 225)
 NETWORK_MODULES = ("networks.lora", "lycoris.kohya")
 ALGORITHMS = ("lora", "locon", "loha", "lokr")
+# Upper bounds that keep later code finite: bucket lists are enumerated step by step up to max_bucket_reso, and every
+# image's index is repeated num_repeats times per epoch. Both are far beyond what SD 1.x/2.x training uses.
+MAX_RESOLUTION = 8192
+MAX_REPEATS = 10_000
+# TOML integers are 64-bit; Python would take any size, and torch/numpy would then fail far from the config.
+INT_RANGE = (-(2**63), 2**63 - 1)
+# accelerate's set_seed seeds numpy too, which takes 0 … 2**32 - 1 only.
+SEED_RANGE = (0, 2**32 - 1)
 
 
 class ConfigError(ValueError):
@@ -208,8 +219,30 @@ SUBSET_KEYS = tuple(f.name for f in dataclasses.fields(SubsetConfig))
 # ----------------------------------------------------------------------------------------------------------- typing
 
 
+_SHORT_REPR = reprlib.Repr()
+_SHORT_REPR.maxstring = _SHORT_REPR.maxother = 60
+_SHORT_REPR.maxlist = _SHORT_REPR.maxdict = _SHORT_REPR.maxtuple = 4
+_SHORT_REPR.maxlevel = 2
+
+
+def shown(value: Any) -> str:
+    """A user's value as an error message shows it: one line, at most about 60 characters, whatever its size.
+
+    A 50 MB string, a list of a million items or a 10 000-digit integer must not turn a one-line error into pages.
+    """
+    try:
+        return _SHORT_REPR.repr(value)
+    except ValueError:  # an int beyond Python's int-to-str digit limit
+        return f"an integer of {value.bit_length()} bits"
+
+
+def plain(text: str) -> str:
+    """A path or key name as typed when it is printable and not absurdly long, else :func:`shown`'s form."""
+    return text if text.isprintable() and len(text) <= 240 else shown(text)
+
+
 def _type_name(annotation: Any) -> str:
-    names = {bool: "true/false", int: "an integer", float: "a number", str: "a string"}
+    names = {bool: "true/false", int: "an integer", float: "a finite number", str: "a string"}
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_type_name(arg) for arg in typing.get_args(annotation) if arg is not type(None))
@@ -218,6 +251,33 @@ def _type_name(annotation: Any) -> str:
     if origin is tuple:
         return "a size like 512 or [512, 768]"
     return names.get(annotation, str(annotation))
+
+
+def _is_int(value: Any) -> bool:
+    """A TOML integer: Python's bool is an int, TOML's is not; TOML integers are 64-bit."""
+    return isinstance(value, int) and not isinstance(value, bool) and INT_RANGE[0] <= value <= INT_RANGE[1]
+
+
+def _as_string(value: Any) -> str:
+    """A string as given, or a number written as one (``output_name = 2024``); never NUL (no path may hold it)."""
+    if isinstance(value, float) or _is_int(value):
+        value = str(value)
+    if not isinstance(value, str) or "\0" in value:
+        raise TypeError
+    return value
+
+
+def _as_float(value: Any) -> float:
+    """Ints are accepted for floats (sd-scripts does); NaN/inf never mean anything in a training option."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond float range
+        raise TypeError from None
+    if not math.isfinite(number):
+        raise TypeError
+    return number
 
 
 def _coerce(value: Any, annotation: Any) -> Any:
@@ -236,9 +296,9 @@ def _coerce(value: Any, annotation: Any) -> Any:
         raise TypeError
     if origin is list:
         if isinstance(value, str):
-            return value.split()
-        if isinstance(value, list) and all(isinstance(item, (str, int, float)) for item in value):
-            return [str(item) for item in value]
+            return _as_string(value).split()
+        if isinstance(value, list):
+            return [_as_string(item) for item in value]
         raise TypeError
     if origin is tuple:
         return parse_resolution(value)
@@ -247,52 +307,48 @@ def _coerce(value: Any, annotation: Any) -> Any:
             return value
         raise TypeError
     if annotation is int:
-        if isinstance(value, int) and not isinstance(value, bool):
+        if _is_int(value):
             return value
         raise TypeError
     if annotation is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise TypeError
+        return _as_float(value)
     if annotation is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise TypeError
+        return _as_string(value)
     raise TypeError
 
 
 def parse_resolution(value: Any) -> tuple[int, int]:
-    """sd-scripts accepts ``512``, ``"512"``, ``"512,768"`` and ``[512, 768]`` (width, height)."""
+    """sd-scripts accepts ``512``, ``"512"``, ``"512,768"`` and ``[512, 768]`` (width, height); else TypeError."""
     if isinstance(value, bool):
         raise TypeError
     if isinstance(value, int):
         return (value, value)
     if isinstance(value, str):
         parts = [part.strip() for part in value.split(",")]
-        if not all(part.isdigit() for part in parts) or len(parts) not in (1, 2):
+        if len(parts) not in (1, 2) or not all(part.isascii() and part.isdigit() and len(part) < 19 for part in parts):
             raise TypeError
         value = [int(part) for part in parts]
-    if isinstance(value, (list, tuple)) and len(value) in (1, 2) and all(
-        isinstance(v, int) and not isinstance(v, bool) for v in value
-    ):
+    if isinstance(value, (list, tuple)) and len(value) in (1, 2) and all(_is_int(v) for v in value):
         return (value[0], value[-1])
     raise TypeError
 
 
-def _fill(target_cls: type, values: dict[str, Any], source: str) -> Any:
-    """Build a dataclass from a dict, naming the key and file on a type mismatch."""
-    hints = typing.get_type_hints(target_cls)
-    kwargs = {}
+def _typed(values: dict[str, Any], hints: dict[str, Any], source: str, where: str = "") -> dict[str, Any]:
+    """Each value as its key's type, or a ConfigError naming the key (with its place in the file) and the file."""
+    typed = {}
     for key, value in values.items():
         try:
-            kwargs[key] = _coerce(value, hints[key])
+            typed[key] = _coerce(value, hints[key])
         except TypeError:
-            raise ConfigError(
-                f"{source}: {key} must be {_type_name(hints[key])}, got {value!r} ({type(value).__name__})"
-            ) from None
-    return target_cls(**kwargs)
+            hint = "; TOML integers are 64-bit" if isinstance(value, int) and not isinstance(value, bool) else ""
+            raise ConfigError(f"{source}: {where}{key} must be {_type_name(hints[key])}, got {shown(value)} "
+                              f"({type(value).__name__}){hint}") from None
+    return typed
+
+
+def _fill(target_cls: type, values: dict[str, Any], source: str, where: str = "") -> Any:
+    """Build a dataclass from a dict, naming the key and file on a type mismatch."""
+    return target_cls(**_typed(values, typing.get_type_hints(target_cls), source, where))
 
 
 # ------------------------------------------------------------------------------------------------------ config_file
@@ -309,15 +365,34 @@ def flatten_config_sections(document: dict[str, Any]) -> dict[str, Any]:
     return flat
 
 
+def _exists(path: Path, kind: str = "file") -> bool:
+    """``is_file``/``is_dir`` that answer False instead of raising for names the OS refuses (too long, NUL)."""
+    try:
+        return path.is_file() if kind == "file" else path.is_dir()
+    except (OSError, ValueError):
+        return False
+
+
 def _read_toml(path: str | Path, what: str) -> dict[str, Any]:
     path = Path(path)
-    if not path.is_file():
+    if not _exists(path):
         raise ConfigError(f"{path}: {what} not found; check the path (run the configure step first)")
     try:
         with path.open("rb") as handle:
             return tomllib.load(handle)
     except tomllib.TOMLDecodeError as error:
-        raise ConfigError(f"{path}: not valid TOML ({error}); fix the line it names") from None
+        raise ConfigError(f"{path}: not valid TOML ({_first_line(error)}); fix the line it names") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (not UTF-8); give the TOML {what} itself") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: values nested too deeply to be a {what}; fix the file") from None
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot be read ({error.strerror}); check its permissions") from None
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 def _split_known(values: dict[str, Any], known: tuple[str, ...]) -> tuple[dict[str, Any], list[str]]:
@@ -326,9 +401,23 @@ def _split_known(values: dict[str, Any], known: tuple[str, ...]) -> tuple[dict[s
     return known_values, unknown
 
 
-def _warn_unknown(unknown: list[str], source: str) -> None:
+def _unknown_key_text(key: str, known: tuple[str, ...], where: str) -> str:
+    """The key as the warning shows it, with the known key it was probably meant to be, or the file it belongs in."""
+    name = where + plain(key)
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.75)
+    if close:
+        return f"{name} (did you mean {close[0]}?)"
+    if known is not TRAIN_KEYS and key in TRAIN_KEYS:
+        return f"{name} (a config_file.toml key)"
+    if known is TRAIN_KEYS and key in DATASET_KEYS + SUBSET_KEYS:
+        return f"{name} (a dataset_config.toml key)"
+    return name
+
+
+def _warn_unknown(unknown: list[str], source: str, known: tuple[str, ...], where: str = "") -> None:
     if unknown:
-        logger.warning("%s: ignoring unknown keys: %s", source, ", ".join(unknown))
+        logger.warning("%s: ignoring unknown keys: %s", source,
+                       ", ".join(_unknown_key_text(key, known, where) for key in unknown))
 
 
 TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name != "datasets")
@@ -337,7 +426,7 @@ TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name != 
 def parse_config_values(values: dict[str, Any], source: str) -> TrainConfig:
     """Typed TrainConfig from flat key/values; unknown keys get one warning, bad ones a ConfigError."""
     known, unknown = _split_known(values, TRAIN_KEYS)
-    _warn_unknown(unknown, source)
+    _warn_unknown(unknown, source, TRAIN_KEYS)
     return _fill(TrainConfig, known, source)
 
 
@@ -369,38 +458,63 @@ def write_config_file(config: TrainConfig, path: str | Path) -> Path:
 
 
 def read_dataset_config(path: str | Path) -> list[DatasetConfig]:
-    """Read ``dataset_config.toml``: ``[general]`` values cascade into datasets, dataset values into subsets."""
+    """Read ``dataset_config.toml``: ``[general]`` values cascade into datasets, dataset values into subsets.
+
+    Every value is typed where it stands, so an error names its place (``datasets[0].subsets[1].num_repeats``).
+    """
     source = str(path)
     document = _read_toml(path, "dataset config")
-    general = document.get("general", {})
-    unknown_top = sorted(key for key in document if key not in ("general", "datasets"))
-    _warn_unknown(unknown_top, source)
-    general_known, unknown = _split_known(general, DATASET_KEYS + SUBSET_KEYS)
-    _warn_unknown([f"general.{key}" for key in unknown], source)
-    raw_datasets = document.get("datasets", [])
+    top_level = ("general", "datasets")
+    _warn_unknown(sorted(key for key in document if key not in top_level), source, top_level)
+    general = _table(document.get("general", {}), "general", "[general]", source)
+    general = _typed_level(general, DATASET_KEYS + SUBSET_KEYS, source, "general.")
+    raw_datasets = _tables(document.get("datasets", []), "datasets", "[[datasets]]", source)
     if not raw_datasets:
         raise ConfigError(f"{source}: no [[datasets]] entry; add one with at least one [[datasets.subsets]] image_dir")
-    return [_read_dataset(raw, general_known, source, index) for index, raw in enumerate(raw_datasets)]
+    return [_read_dataset(raw, general, source, index) for index, raw in enumerate(raw_datasets)]
+
+
+_LEVEL_HINTS = {**typing.get_type_hints(DatasetConfig), **typing.get_type_hints(SubsetConfig)}
+
+
+def _typed_level(values: dict[str, Any], known: tuple[str, ...], source: str, where: str) -> dict[str, Any]:
+    """The known keys of one table, typed; unknown ones get one warning with close matches."""
+    known_values, unknown = _split_known(values, known)
+    _warn_unknown(unknown, source, known, where)
+    return _typed(known_values, _LEVEL_HINTS, source, where)
+
+
+def _table(value: Any, where: str, written: str, source: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{source}: {where} must be a table written {written}, got {shown(value)} "
+                          f"({type(value).__name__})")
+    return value
+
+
+def _tables(value: Any, where: str, written: str, source: str) -> list[dict[str, Any]]:
+    """An array of tables (``[[datasets]]``); a single table or any other value is an error naming the place."""
+    if not isinstance(value, list):
+        raise ConfigError(f"{source}: {where} must be an array of tables written {written}, got {shown(value)} "
+                          f"({type(value).__name__})")
+    return [_table(item, f"{where}[{index}]", written, source) for index, item in enumerate(value)]
 
 
 def _read_dataset(raw: dict[str, Any], general: dict[str, Any], source: str, index: int) -> DatasetConfig:
-    own = {key: value for key, value in raw.items() if key != "subsets"}
-    own_known, unknown = _split_known(own, DATASET_KEYS + SUBSET_KEYS)
-    _warn_unknown([f"datasets[{index}].{key}" for key in unknown], source)
-    inherited = {**general, **own_known}
-    dataset_values = {key: value for key, value in inherited.items() if key in DATASET_KEYS}
-    dataset = _fill(DatasetConfig, dataset_values, source)
+    where = f"datasets[{index}]."
+    own = _typed_level({key: value for key, value in raw.items() if key != "subsets"}, DATASET_KEYS + SUBSET_KEYS,
+                       source, where)
+    inherited = {**general, **own}
+    dataset = DatasetConfig(**{key: value for key, value in inherited.items() if key in DATASET_KEYS})
     subset_defaults = {key: value for key, value in inherited.items() if key in SUBSET_KEYS}
-    raw_subsets = raw.get("subsets", [])
+    raw_subsets = _tables(raw.get("subsets", []), f"{where}subsets", "[[datasets.subsets]]", source)
     if not raw_subsets:
         raise ConfigError(f"{source}: datasets[{index}] has no [[datasets.subsets]]; add one with image_dir")
     for subset_index, raw_subset in enumerate(raw_subsets):
-        subset_known, unknown = _split_known(raw_subset, SUBSET_KEYS)
-        _warn_unknown([f"datasets[{index}].subsets[{subset_index}].{key}" for key in unknown], source)
-        values = {**subset_defaults, **subset_known}
+        subset_where = f"{where}subsets[{subset_index}]."
+        values = {**subset_defaults, **_typed_level(raw_subset, SUBSET_KEYS, source, subset_where)}
         if "image_dir" not in values:
             raise ConfigError(f"{source}: datasets[{index}].subsets[{subset_index}] has no image_dir; add image_dir")
-        dataset.subsets.append(_fill(SubsetConfig, values, source))
+        dataset.subsets.append(SubsetConfig(**values))
     return dataset
 
 
@@ -444,9 +558,16 @@ def network_args_dict(config: TrainConfig, source: str = "config") -> dict[str, 
     for item in config.network_args:
         key, separator, value = item.partition("=")
         if not separator or not key.strip():
-            raise ConfigError(f'{source}: network_args item {item!r} must look like "key=value"')
+            raise ConfigError(f'{source}: network_args item {shown(item)} must look like "key=value"')
         parsed[key.strip()] = value.strip()
     return parsed
+
+
+def _existing_folder(config: TrainConfig, key: str, source: str) -> Path:
+    folder = Path(getattr(config, key))
+    _require(_exists(folder, "dir"), source,
+             f"{key} {plain(str(folder))} is not a folder; fix the path or upload the images first")
+    return folder
 
 
 def datasets_from_config_args(config: TrainConfig, source: str) -> list[DatasetConfig]:
@@ -455,6 +576,11 @@ def datasets_from_config_args(config: TrainConfig, source: str) -> list[DatasetC
 
     if config.train_data_dir is None:
         raise ConfigError(f"{source}: neither dataset_config nor train_data_dir is set; set one of them")
+    try:
+        resolution = parse_resolution(config.resolution or "512")
+    except TypeError:
+        raise ConfigError(f"{source}: resolution must be a size like 512 or \"512,768\", got "
+                          f"{shown(config.resolution)}") from None
     shared = dict(
         caption_extension=config.caption_extension,
         shuffle_caption=config.shuffle_caption,
@@ -462,22 +588,22 @@ def datasets_from_config_args(config: TrainConfig, source: str) -> list[DatasetC
     )
     subsets = [
         dataclasses.replace(subset, **shared)
-        for subset in discover_subsets(config.train_data_dir, default_repeats=None)
+        for subset in discover_subsets(_existing_folder(config, "train_data_dir", source), default_repeats=None)
     ]
     if config.reg_data_dir:
         subsets += [
             dataclasses.replace(subset, is_reg=True, **shared)
-            for subset in discover_subsets(config.reg_data_dir, default_repeats=None)
+            for subset in discover_subsets(_existing_folder(config, "reg_data_dir", source), default_repeats=None)
         ]
     if not subsets:
         raise ConfigError(
-            f"{source}: train_data_dir {config.train_data_dir} has no N_name folders with images "
+            f"{source}: train_data_dir {plain(config.train_data_dir)} has no N_name folders with images "
             "(e.g. 10_mychar); rename the folder or use a dataset_config"
         )
     return [
         DatasetConfig(
             subsets=subsets,
-            resolution=parse_resolution(config.resolution or "512"),
+            resolution=resolution,
             enable_bucket=config.enable_bucket,
             min_bucket_reso=config.min_bucket_reso,
             max_bucket_reso=config.max_bucket_reso,
@@ -487,12 +613,26 @@ def datasets_from_config_args(config: TrainConfig, source: str) -> list[DatasetC
     ]
 
 
+def _dataset_config_path(config: TrainConfig, config_file: str | Path | None, source: str) -> Path:
+    """``dataset_config`` as given, else beside config_file.toml (the old notebook wrote relative names)."""
+    dataset_path = Path(config.dataset_config)
+    if config_file is not None and not dataset_path.is_absolute() and not _exists(dataset_path):
+        dataset_path = Path(config_file).parent / dataset_path
+    _require(_exists(dataset_path), source, f"dataset_config {plain(config.dataset_config)} not found; check the "
+             "path (run the configure step first)")
+    return dataset_path
+
+
 def load_config(
     config_file: str | Path | None = None,
     dataset_config: str | Path | None = None,
     overrides: dict[str, Any] | None = None,
 ) -> TrainConfig:
-    """Read both TOML files, apply overrides (CLI or notebook form) and validate everything once."""
+    """Read both TOML files, apply overrides (CLI or notebook form) and validate everything once.
+
+    Any value of any type ends as a typed config or a one-line ConfigError naming the key and the file: later code
+    may rely on every field holding its declared type within the bounds checked here.
+    """
     values: dict[str, Any] = {}
     source = str(config_file) if config_file else "arguments"
     if config_file is not None:
@@ -503,10 +643,9 @@ def load_config(
     if dataset_config is not None:
         values["dataset_config"] = str(dataset_config)
     config = parse_config_values(values, source)
+    validate_config(config, source)
     if config.dataset_config:
-        dataset_path = Path(config.dataset_config)
-        if config_file is not None and not dataset_path.is_absolute() and not dataset_path.exists():
-            dataset_path = Path(config_file).parent / dataset_path
+        dataset_path = _dataset_config_path(config, config_file, source)
         config.datasets = read_dataset_config(dataset_path)
         for dataset in config.datasets:
             validate_dataset(dataset, str(dataset_path))
@@ -514,7 +653,6 @@ def load_config(
         config.datasets = datasets_from_config_args(config, source)
         for dataset in config.datasets:
             validate_dataset(dataset, source)
-    validate_config(config, source)
     _require(not (config.cache_latents or config.cache_latents_to_disk)
              or not any(subset.random_crop for dataset in config.datasets for subset in dataset.subsets), source,
              "random_crop cannot be used with cache_latents: a cached latent holds one fixed crop, so the crop would "
@@ -527,14 +665,19 @@ def _require(condition: bool, source: str, message: str) -> None:
         raise ConfigError(f"{source}: {message}")
 
 
+def _one_of(config: TrainConfig, key: str, allowed: tuple, source: str) -> None:
+    value = getattr(config, key)
+    _require(value in allowed, source, f"{key} must be one of {', '.join(map(str, allowed))} (got {shown(value)})")
+
+
 def validate_config(config: TrainConfig, source: str) -> None:
     """Reject values that cannot work, naming the key; run before anything slow happens."""
     _require(config.network_dim is None or config.network_dim >= 1, source,
              f"network_dim must be at least 1 (got {config.network_dim}); 8-32 is typical")
-    _require(config.network_alpha >= 0, source, f"network_alpha must be >= 0 (got {config.network_alpha})")
-    for key in ("learning_rate", "unet_lr", "text_encoder_lr"):
+    for key in ("network_alpha", "learning_rate", "unet_lr", "text_encoder_lr", "max_grad_norm", "lr_warmup_steps",
+                "lr_scheduler_power", "prior_loss_weight", "max_data_loader_n_workers", "noise_offset"):
         value = getattr(config, key)
-        _require(value is None or value >= 0, source, f"{key} must be >= 0 (got {value}); 1e-4 is typical")
+        _require(value is None or value >= 0, source, f"{key} must be >= 0 (got {value})")
     for key in ("train_batch_size", "max_train_steps", "gradient_accumulation_steps", "vae_batch_size",
                 "lr_scheduler_num_cycles"):
         _require(getattr(config, key) >= 1, source, f"{key} must be at least 1 (got {getattr(config, key)})")
@@ -542,38 +685,23 @@ def validate_config(config: TrainConfig, source: str) -> None:
                 "save_last_n_steps", "sample_every_n_epochs", "sample_every_n_steps", "clip_skip"):
         value = getattr(config, key)
         _require(value is None or value >= 1, source, f"{key} must be at least 1 (got {value})")
-    _require(config.lr_warmup_steps >= 0, source, f"lr_warmup_steps must be >= 0 (got {config.lr_warmup_steps})")
-    _require(config.max_grad_norm >= 0, source, f"max_grad_norm must be >= 0 (got {config.max_grad_norm})")
-    _require(config.mixed_precision in MIXED_PRECISIONS, source,
-             f"mixed_precision must be one of {', '.join(MIXED_PRECISIONS)} (got {config.mixed_precision!r})")
+    _require(config.network_dropout is None or 0 <= config.network_dropout < 1, source,
+             f"network_dropout must be in [0, 1) (got {config.network_dropout}); 0.1 is typical")
+    _require(config.seed is None or SEED_RANGE[0] <= config.seed <= SEED_RANGE[1], source,
+             f"seed must be between 0 and 4294967295 (got {config.seed}); numpy and accelerate take no other")
+    _one_of(config, "mixed_precision", MIXED_PRECISIONS, source)
     _require(config.save_precision is None or config.save_precision in SAVE_PRECISIONS, source,
-             f"save_precision must be one of {', '.join(SAVE_PRECISIONS)} (got {config.save_precision!r})")
-    _require(config.lr_scheduler in LR_SCHEDULERS, source,
-             f"lr_scheduler must be one of {', '.join(LR_SCHEDULERS)} (got {config.lr_scheduler!r})")
+             f"save_precision must be one of {', '.join(SAVE_PRECISIONS)} (got {shown(config.save_precision)})")
+    _one_of(config, "lr_scheduler", LR_SCHEDULERS, source)
     _require(config.max_token_length is None or config.max_token_length in MAX_TOKEN_LENGTHS, source,
              f"max_token_length must be 75, 150 or 225 (got {config.max_token_length})")
     _require(config.save_model_as == "safetensors", source,
-             f"save_model_as must be safetensors (got {config.save_model_as!r}); other formats are unsafe to load")
+             f"save_model_as must be safetensors (got {shown(config.save_model_as)}); other formats are unsafe to "
+             "load")
     _require(not (config.network_train_unet_only and config.network_train_text_encoder_only), source,
              "network_train_unet_only and network_train_text_encoder_only cannot both be true")
-    _require(config.network_module in NETWORK_MODULES, source,
-             f"network_module must be one of {', '.join(NETWORK_MODULES)} (got {config.network_module!r})")
-    network_args = network_args_dict(config, source)
-    algo = network_args.get("algo", "lora")
-    _require(algo in ALGORITHMS, source,
-             f"network_args algo must be one of {', '.join(ALGORITHMS)} (got {algo!r})")
-    from lycolab.networks.args import NetworkArgsError, network_kwargs, unknown_network_args
-
-    try:
-        network_kwargs(config.network_module, config.network_dim, config.network_alpha, network_args,
-                       config.network_dropout)
-    except NetworkArgsError as error:
-        raise ConfigError(f"{source}: {error}") from None
-    unknown = unknown_network_args(config.network_module, network_args)
-    if unknown:
-        logger.warning("%s: network_args not used by %s: %s", source, config.network_module, ", ".join(unknown))
-    if config.noise_offset is not None:
-        _require(config.noise_offset >= 0, source, f"noise_offset must be >= 0 (got {config.noise_offset})")
+    _one_of(config, "network_module", NETWORK_MODULES, source)
+    _validate_network_args(config, source)
     if config.min_snr_gamma is not None:
         _require(config.min_snr_gamma > 0, source,
                  f"min_snr_gamma must be > 0 (got {config.min_snr_gamma}); 5 is usual")
@@ -581,26 +709,91 @@ def validate_config(config: TrainConfig, source: str) -> None:
              'lr_scheduler "adafactor" only works with optimizer_type = "AdaFactor"')
 
 
+def _validate_network_args(config: TrainConfig, source: str) -> None:
+    """network_args as create_network will read them; a number there is never NaN or infinite."""
+    network_args = network_args_dict(config, source)
+    for key, value in network_args.items():
+        try:
+            number = float(value)
+        except ValueError:  # a word (algo=loha, use_tucker=true): checked by what reads it
+            continue
+        _require(math.isfinite(number), source, f"network_args {plain(key)} must be a finite number (got "
+                 f"{shown(value)})")
+    algo = network_args.get("algo", "lora")
+    _require(algo in ALGORITHMS, source,
+             f"network_args algo must be one of {', '.join(ALGORITHMS)} (got {shown(algo)})")
+    from lycolab.networks.args import NetworkArgsError, network_kwargs, unknown_network_args
+
+    try:
+        network_kwargs(config.network_module, config.network_dim, config.network_alpha, network_args,
+                       config.network_dropout)
+    except NetworkArgsError as error:
+        raise ConfigError(f"{source}: {_first_line(error)[:300]}") from None
+    unknown = unknown_network_args(config.network_module, network_args)
+    if unknown:
+        logger.warning("%s: network_args not used by %s: %s", source, config.network_module,
+                       ", ".join(map(plain, unknown)))
+
+
+def _valid_caption_extension(extension: str) -> bool:
+    """A suffix a file name can take (``.txt``, or ``txt`` as sd-scripts also accepts) and not a path."""
+    try:
+        Path("image.png").with_suffix(extension if extension.startswith(".") else "." + extension)
+    except ValueError:
+        return False
+    return len(extension) <= 64
+
+
 def validate_dataset(dataset: DatasetConfig, source: str) -> None:
     """Dataset values that cannot work: missing folders, sizes that buckets cannot be built from."""
     width, height = dataset.resolution
-    _require(width >= 64 and height >= 64, source, f"resolution must be at least 64 (got {width}x{height})")
+    _require(64 <= min(width, height) and max(width, height) <= MAX_RESOLUTION, source,
+             f"resolution must be between 64 and {MAX_RESOLUTION} (got {width}x{height})")
     _require(dataset.bucket_reso_steps >= 8 and dataset.bucket_reso_steps % 8 == 0, source,
              f"bucket_reso_steps must be a positive multiple of 8 (got {dataset.bucket_reso_steps})")
-    _require(0 < dataset.min_bucket_reso <= dataset.max_bucket_reso, source,
+    _require(0 < dataset.min_bucket_reso <= dataset.max_bucket_reso <= MAX_RESOLUTION, source,
              f"min_bucket_reso ({dataset.min_bucket_reso}) must be positive and <= max_bucket_reso "
-             f"({dataset.max_bucket_reso})")
+             f"({dataset.max_bucket_reso}), which must be <= {MAX_RESOLUTION}")
+    if dataset.enable_bucket:
+        _validate_bucket_sizes(dataset, source)
     _require(dataset.batch_size is None or dataset.batch_size >= 1, source,
              f"batch_size must be at least 1 (got {dataset.batch_size})")
     for subset in dataset.subsets:
-        _require(Path(subset.image_dir).is_dir(), source,
-                 f"image_dir {subset.image_dir} does not exist; fix the path or upload the images first")
-        _require(subset.num_repeats >= 1, source, f"num_repeats must be at least 1 (got {subset.num_repeats})")
-        _require(subset.keep_tokens >= 0, source, f"keep_tokens must be >= 0 (got {subset.keep_tokens})")
-        for key in ("caption_dropout_rate", "caption_tag_dropout_rate"):
-            value = getattr(subset, key)
-            _require(0.0 <= value <= 1.0, source, f"{key} must be between 0 and 1 (got {value})")
-        _require(not subset.color_aug, source,
-                 "color_aug is not supported (it only shifts hue a little and rules out latent caching); remove it")
-        _require(not subset.face_crop_aug_range, source,
-                 "face_crop_aug_range is not supported (it needs face positions in the file names); remove it")
+        validate_subset(subset, source)
+
+
+def _validate_bucket_sizes(dataset: DatasetConfig, source: str) -> None:
+    """sd-scripts' bucket asserts, checked here as well so that they name the file before any image is read.
+
+    sd-scripts rounds min_bucket_reso down and max_bucket_reso up to whole steps (lycolab.data.buckets does the
+    same, with a warning); the rounded range must hold the resolution, and the smallest bucket must be one step.
+    """
+    width, height = dataset.resolution
+    steps = dataset.bucket_reso_steps
+    low = dataset.min_bucket_reso - dataset.min_bucket_reso % steps
+    high = dataset.max_bucket_reso + (-dataset.max_bucket_reso) % steps
+    _require(low >= steps, source, f"min_bucket_reso must be at least bucket_reso_steps ({steps}), got "
+             f"{dataset.min_bucket_reso}; 256 is usual")
+    _require(low <= min(width, height) and max(width, height) <= high, source,
+             f"resolution {width}x{height} must lie within min_bucket_reso and max_bucket_reso ({low} to {high} in "
+             "whole bucket_reso_steps); change resolution or the bucket limits")
+
+
+def validate_subset(subset: SubsetConfig, source: str) -> None:
+    """One image folder's values: the folder exists, counts and rates are in range, unsupported options are off."""
+    _require(_exists(Path(subset.image_dir), "dir"), source,
+             f"image_dir {plain(subset.image_dir)} does not exist; fix the path or upload the images first")
+    _require(1 <= subset.num_repeats <= MAX_REPEATS, source,
+             f"num_repeats must be between 1 and {MAX_REPEATS} (got {subset.num_repeats}); for longer training "
+             "raise max_train_epochs")
+    _require(subset.keep_tokens >= 0, source, f"keep_tokens must be >= 0 (got {subset.keep_tokens})")
+    _require(_valid_caption_extension(subset.caption_extension), source,
+             f"caption_extension must be a file extension like .txt or .caption (got "
+             f"{shown(subset.caption_extension)})")
+    for key in ("caption_dropout_rate", "caption_tag_dropout_rate"):
+        value = getattr(subset, key)
+        _require(0.0 <= value <= 1.0, source, f"{key} must be between 0 and 1 (got {value})")
+    _require(not subset.color_aug, source,
+             "color_aug is not supported (it only shifts hue a little and rules out latent caching); remove it")
+    _require(not subset.face_crop_aug_range, source,
+             "face_crop_aug_range is not supported (it needs face positions in the file names); remove it")

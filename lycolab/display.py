@@ -28,15 +28,9 @@ class NotebookError(Exception):
 
 def one_line_errors(function: Function) -> Function:
     """Turn the errors lycolab raises for bad input into NotebookError, so a notebook cell fails in one line."""
-    from lycolab.config import ConfigError
-    from lycolab.data.images import UnreadableImage
-    from lycolab.models.download import DownloadError
-    from lycolab.models.load import ModelLoadError
-    from lycolab.networks import AdapterFileError
-    from lycolab.training import TrainingError
+    from lycolab.errors import user_errors
 
-    expected = (ConfigError, TrainingError, ModelLoadError, AdapterFileError, UnreadableImage, DownloadError,
-                FileNotFoundError, ValueError)
+    expected = user_errors()
 
     @functools.wraps(function)
     def wrapper(*args, **kwargs):

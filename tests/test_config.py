@@ -1,5 +1,6 @@
 import dataclasses
 import logging
+import re
 
 import pytest
 import tomli_w
@@ -163,7 +164,8 @@ def test_wrong_type_in_dataset_config_names_key(tmp_path):
     write_images(tmp_path / "imgs", [(64, 64)])
     path = _write_toml(tmp_path / "dataset_config.toml",
                        {"datasets": [{"subsets": [{"image_dir": str(tmp_path / "imgs"), "num_repeats": "ten"}]}]})
-    with pytest.raises(ConfigError, match="dataset_config.toml: num_repeats must be an integer"):
+    expected = r"dataset_config\.toml: datasets\[0\]\.subsets\[0\]\.num_repeats must be an integer"
+    with pytest.raises(ConfigError, match=expected):
         read_dataset_config(path)
 
 
@@ -210,3 +212,111 @@ def test_unknown_network_args_get_one_warning(tmp_path, caplog):
     load_config(config_path, _dataset_file(tmp_path))
     warnings = [record.getMessage() for record in caplog.records if "network_args" in record.getMessage()]
     assert len(warnings) == 1 and warnings[0].endswith("network_args not used by networks.lora: factor, lr_x")
+
+
+# ----------------------------------------------------------------- issue 13: values that used to crash or hang
+
+def _train_dir(tmp_path):
+    write_images(tmp_path / "train" / "2_x", [(64, 64)], ["a"], extension=".txt")
+    return {"train_data_dir": str(tmp_path / "train"), "output_dir": "o", "resolution": "64",
+            "caption_extension": ".txt"}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ({"learning_rate": 10**400}, "learning_rate must be a finite number"),  # was OverflowError
+        ({"network_alpha": float("nan")}, "network_alpha must be a finite number"),
+        ({"unet_lr": float("inf")}, "unet_lr must be a finite number"),
+        ({"network_dim": 2**64}, "network_dim must be an integer.*TOML integers are 64-bit"),
+        ({"train_data_dir": "nowhere"}, "train_data_dir nowhere is not a folder"),  # was FileNotFoundError
+        ({"reg_data_dir": "nowhere"}, "reg_data_dir nowhere is not a folder"),
+        ({"resolution": "abc"}, "resolution must be a size like 512"),  # was TypeError
+        ({"resolution": "²"}, "resolution must be a size like 512"),  # isdigit() but not int()-able
+        ({"resolution": "100000"}, "resolution must be between 64 and 8192"),
+        ({"caption_extension": ""}, "caption_extension must be a file extension"),  # was ValueError from pathlib
+        ({"caption_extension": "a/b"}, "caption_extension must be a file extension"),
+        ({"enable_bucket": True, "max_bucket_reso": 10**12}, "max_bucket_reso"),  # was an endless bucket loop
+        ({"enable_bucket": True, "min_bucket_reso": 256}, "resolution 64x64 must lie within min_bucket_reso"),
+        ({"seed": 2**32}, "seed must be between 0 and 4294967295"),  # accelerate's set_seed raised mid-setup
+        ({"seed": -1}, "seed must be between 0 and 4294967295"),
+        ({"network_args": ["conv_dim=inf"]}, "network_args conv_dim must be a finite number"),  # was OverflowError
+        ({"network_dropout": 1.5}, "network_dropout must be in"),
+        ({"lr_scheduler_power": -1}, "lr_scheduler_power must be >= 0"),  # polynomial decay divides by zero
+        ({"prior_loss_weight": -1}, "prior_loss_weight must be >= 0"),
+        ({"output_dir": "a\x00b"}, "output_dir must be a string"),  # no path can hold NUL
+        ({"network_args": [True]}, "network_args must be a list of strings"),
+        ({"dataset_config": "nowhere.toml"}, "dataset_config nowhere.toml not found"),
+    ],
+)
+def test_values_that_used_to_crash_are_one_line_errors_naming_the_key(tmp_path, overrides, expected):
+    with pytest.raises(ConfigError) as error:
+        load_config(overrides={**_train_dir(tmp_path), **overrides})
+    message = str(error.value)
+    assert re.search(expected, message), message
+    assert "\n" not in message
+
+
+def test_num_repeats_beyond_any_use_is_refused_before_an_epoch_list_is_built(tmp_path):
+    write_images(tmp_path / "imgs", [(64, 64)])
+    path = _write_toml(tmp_path / "dataset_config.toml", {"datasets": [{"subsets": [
+        {"image_dir": str(tmp_path / "imgs"), "num_repeats": 10**9}]}]})
+    with pytest.raises(ConfigError, match=r"dataset_config\.toml: num_repeats must be between 1 and 10000"):
+        load_config(dataset_config=path)
+
+
+def test_a_huge_value_gives_a_short_message(tmp_path):
+    with pytest.raises(ConfigError) as error:
+        load_config(overrides={**_train_dir(tmp_path), "network_dim": "x" * 50_000_000})
+    assert len(str(error.value)) < 200 and "network_dim must be an integer" in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("document", "expected"),
+    [
+        ({"datasets": "x"}, r"datasets must be an array of tables written \[\[datasets\]\], got 'x'"),
+        ({"datasets": {"subsets": []}}, "datasets must be an array of tables"),  # [datasets] instead of [[datasets]]
+        ({"datasets": [1]}, r"datasets\[0\] must be a table"),
+        ({"datasets": [{"subsets": {"image_dir": "x"}}]}, r"datasets\[0\]\.subsets must be an array of tables "
+                                                          r"written \[\[datasets\.subsets\]\]"),
+        ({"datasets": [{"subsets": ["x"]}]}, r"datasets\[0\]\.subsets\[0\] must be a table"),
+        ({"general": 3, "datasets": []}, r"general must be a table written \[general\]"),
+        ({"general": {"resolution": [1, 2, 3]}, "datasets": []}, "general.resolution must be a size"),
+        ({"datasets": [{"batch_size": "2", "subsets": [{"image_dir": "x"}]}]}, r"datasets\[0\]\.batch_size must be"),
+    ],
+)
+def test_dataset_config_tables_of_the_wrong_shape_name_the_place_and_the_file(tmp_path, document, expected):
+    path = _write_toml(tmp_path / "dataset_config.toml", document)  # these used to raise AttributeError
+    with pytest.raises(ConfigError, match="dataset_config.toml: " + expected):
+        read_dataset_config(path)
+
+
+def test_a_config_file_that_is_not_text_is_named(tmp_path):
+    path = tmp_path / "config_file.toml"
+    path.write_bytes(b"a = \xff\xfe\n")
+    with pytest.raises(ConfigError, match="config_file.toml: not a text file"):
+        load_config(path)
+
+
+def test_misspelled_keys_are_warned_with_the_key_they_probably_meant(tmp_path, caplog):
+    write_images(tmp_path / "imgs", [(64, 64)])
+    dataset_path = _write_toml(tmp_path / "dataset_config.toml", {
+        "general": {"learning_rate": 1e-4, "resolutoin": 512},
+        "datasets": [{"subsets": [{"image_dir": str(tmp_path / "imgs"), "num_repeat": 3}]}]})
+    config_path = _write_toml(tmp_path / "config_file.toml", {"a": {"output_dir": "o", "netwrok_dim": 8,
+                                                                     "num_repeats": 2}})
+    with caplog.at_level(logging.WARNING):
+        load_config(config_path, dataset_path)
+    warnings = " | ".join(record.getMessage() for record in caplog.records)
+    assert "netwrok_dim (did you mean network_dim?)" in warnings
+    assert "num_repeats (a dataset_config.toml key)" in warnings
+    assert "general.resolutoin (did you mean resolution?)" in warnings
+    assert "general.learning_rate (a config_file.toml key)" in warnings
+    assert "datasets[0].subsets[0].num_repeat (did you mean num_repeats?)" in warnings
+
+
+def test_integers_are_accepted_for_every_float_key_as_sd_scripts_does(tmp_path):
+    float_keys = [f.name for f in dataclasses.fields(TrainConfig) if f.type in ("float", "float | None")]
+    integers = {key: 0 if key == "network_dropout" else 1 for key in float_keys}  # a dropout of 1 drops everything
+    config = load_config(overrides={**_train_dir(tmp_path), **integers})
+    assert float_keys and all(type(getattr(config, key)) is float for key in float_keys)

@@ -1,10 +1,12 @@
 import logging
 import random
 
+import pytest
 from conftest import write_images
 
-from lycolab.config import DatasetConfig, SubsetConfig
+from lycolab.config import ConfigError, DatasetConfig, SubsetConfig
 from lycolab.data import BucketedDataset, BucketManager, discover_subsets, make_bucket_resolutions, process_caption
+from lycolab.data.buckets import MAX_CROP_FACTOR, BucketChoice, NoBucketFits
 from lycolab.data.scan import parse_repeat_folder, scan_subset
 
 # sd-scripts' bucket list for resolution 512, min 256, max 1024, steps 64, worked out from its rules:
@@ -135,3 +137,74 @@ def test_dataset_batches_never_mix_buckets_and_count_repeats(tmp_path, caplog):
     log = caplog.text
     assert "number of images (including repeats): 12" in log
     assert "bucket 0: resolution (96, 160), count: 6" in log
+
+
+def test_images_below_one_bucket_step_are_skipped_with_no_upscale_and_upscaled_without():
+    # sd-scripts rounds a no_upscale bucket down to whole steps: 1x1 gives a 0x0 bucket and it divides by zero.
+    no_upscale = _manager(resolution=(512, 512), bucket_no_upscale=True)
+    for size, side in (((1, 1), "width"), ((63, 4096), "width"), ((4096, 63), "height")):
+        with pytest.raises(NoBucketFits, match=f"image is {size[0]}x{size[1]}: with bucket_no_upscale its {side} is "
+                                               "below one bucket step \\(64 px\\)"):
+            no_upscale.select(*size)
+    assert no_upscale.select(64, 64).bucket_resolution == (64, 64)  # exactly one step is enough
+    # 64x1000000 is shrunk to the area budget first: sqrt(262144/15625) = 4.1 px wide, rounds to a 0 px bucket
+    with pytest.raises(NoBucketFits, match="shrunk to 4x64000"):
+        no_upscale.select(64, 1_000_000)
+    # without no_upscale a tiny image is upscaled to cover sd-scripts' bucket, as sd-scripts does
+    upscale = _manager(resolution=(512, 512))
+    assert upscale.select(1, 1) == BucketChoice((512, 512), (512, 512), 0.0)
+    # 1x3 (ratio 0.333): nearest ratio is 256x832 (0.308, not 320x768 at 0.417); taller than it → fit the height
+    assert upscale.select(1, 3).bucket_resolution == (256, 832) and upscale.select(1, 3).resized_size == (277, 832)
+
+
+def test_crop_keeping_less_than_an_eighth_of_the_image_is_skipped_with_or_without_buckets():
+    manager = _manager(resolution=(512, 512))
+    # 1x32 → bucket 256x1024, resized 256x8192: exactly 8 bucket areas, the largest crop still allowed
+    assert manager.select(1, 32) == BucketChoice((256, 1024), (256, 8192), 0.25 - 1 / 32)
+    assert MAX_CROP_FACTOR == 8
+    for size in ((1, 33), (1, 4096), (4096, 1), (64, 4096)):  # 1x4096 would be resized to 256x1048576
+        with pytest.raises(NoBucketFits, match="too long and thin for any bucket.*raise max_bucket_reso"):
+            manager.select(*size)
+    fixed = BucketManager(DatasetConfig(enable_bucket=False, resolution=(512, 512)))
+    assert fixed.select(64, 512).resized_size == (512, 4096)  # 8x the 512x512 crop: kept
+    with pytest.raises(NoBucketFits, match="keep only 12% of it .*set enable_bucket = true"):
+        fixed.select(63, 512)  # 512x4161: the crop keeps 12.3%
+    with pytest.raises(NoBucketFits, match="image is 1x4096"):
+        fixed.select(1, 4096)
+
+
+def test_min_and_max_bucket_reso_are_rounded_to_steps_like_sd_scripts(caplog):
+    # sd-scripts rounds min_bucket_reso down and max_bucket_reso up to multiples of bucket_reso_steps (warning)
+    with caplog.at_level(logging.WARNING):
+        manager = _manager(resolution=(512, 512), min_bucket_reso=300, max_bucket_reso=1000)
+    assert manager.predefined == SD_SCRIPTS_512
+    assert "300/1000 are rounded to multiples of bucket_reso_steps (64): 256/1024" in caplog.text
+    # a max far above any bucket changes nothing (and the list is built at once, not by stepping to 10**9)
+    assert make_bucket_resolutions((512, 512), 256, 10**9, 64) == SD_SCRIPTS_512
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"bucket_reso_steps": 0}, "bucket_reso_steps must be a positive number of pixels \\(got 0\\)"),
+    ({"bucket_reso_steps": -64}, "bucket_reso_steps must be a positive number of pixels \\(got -64\\)"),
+    ({"min_bucket_reso": 1024, "max_bucket_reso": 256}, "min_bucket_reso \\(1024\\) is larger than max_bucket_reso"),
+    ({"min_bucket_reso": 32}, "min_bucket_reso must be at least bucket_reso_steps \\(64\\), got 32"),
+    ({"min_bucket_reso": 0}, "min_bucket_reso must be at least bucket_reso_steps"),
+    ({"resolution": (128, 512)}, "resolution 128x512 is below min_bucket_reso \\(256\\); lower min_bucket_reso"),
+    ({"resolution": (512, 2048)}, "resolution 512x2048 is above max_bucket_reso \\(1024\\); raise max_bucket_reso"),
+    ({"resolution": (512, 2048), "bucket_no_upscale": True}, "resolution 512x2048 is above max_bucket_reso"),
+    ({"resolution": (0, 512)}, "resolution must be positive \\(got 0x512\\)"),
+])
+def test_bucket_settings_that_sd_scripts_refuses_or_that_would_crash_name_the_key(settings, message):
+    dataset = DatasetConfig(subsets=[SubsetConfig(image_dir="data/5_x")], **{"resolution": (512, 512), **settings},
+                            enable_bucket=True)
+    with pytest.raises(ConfigError, match=f"^dataset with image_dir data/5_x: {message}"):
+        BucketManager(dataset)
+
+
+def test_bucket_settings_are_not_checked_when_bucketing_is_off():
+    # sd-scripts ignores min/max/steps without enable_bucket; only the resolution is used
+    manager = BucketManager(DatasetConfig(enable_bucket=False, resolution=(128, 128), bucket_reso_steps=0,
+                                          min_bucket_reso=512, max_bucket_reso=64))
+    assert manager.select(256, 128) == BucketChoice((128, 128), (256, 128), 1.0 - 2.0)
+    with pytest.raises(ConfigError, match="resolution must be positive"):
+        BucketManager(DatasetConfig(enable_bucket=False, resolution=(128, -1)))

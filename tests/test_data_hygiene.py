@@ -3,6 +3,7 @@ dataset doctor."""
 
 import logging
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -192,3 +193,106 @@ def test_near_duplicates_are_found_after_resizing_and_recompression(tmp_path):
     Image.fromarray((np.stack([1 - x, 1 - x, y], -1) * 255).astype(np.uint8)).save(tmp_path / "other.png")
     groups = find_near_duplicates([tmp_path / "a.png", tmp_path / "other.png", tmp_path / "a_small.jpg"])
     assert [[path.name for path in group] for group in groups] == [["a.png", "a_small.jpg"]]
+
+
+def _write_issue_13_folder(folder):
+    """The folder from issue 13: a 1x1 PNG beside a good image and two broken files."""
+    folder.mkdir(parents=True)
+    Image.new("RGB", (1, 1), (255, 0, 0)).save(folder / "one_pixel.png")
+    Image.new("RGB", (64, 64), (0, 128, 255)).save(folder / "good.png")
+    Image.new("RGB", (4096, 1), (0, 0, 0)).save(folder / "one_row.png")
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "not_an_image.jpg").write_text("hello", encoding="utf-8")
+    dataset_file = folder.parent / "dataset_config.toml"
+    dataset_file.write_text(f'[general]\nenable_bucket = true\nbucket_no_upscale = true\nresolution = 64\n'
+                            f'min_bucket_reso = 64\n[[datasets]]\n[[datasets.subsets]]\nimage_dir = "{folder}"\n',
+                            encoding="utf-8")
+    return dataset_file
+
+
+EXPECTED_SKIPS = {
+    "one_pixel.png": "image is 1x1: with bucket_no_upscale its width is below one bucket step (64 px)",
+    "one_row.png": "image is 4096x1: with bucket_no_upscale its height is below one bucket step (64 px)",
+    "empty.png": "empty file (0 bytes)",
+    "not_an_image.jpg": "not an image file",
+}
+
+
+def test_regression_issue_13_one_pixel_png_with_bucket_no_upscale_no_longer_crashes_check_dataset(tmp_path, capsys):
+    # Was: ZeroDivisionError in BucketManager.select (the 1x1 image's bucket rounds down to 0x0) — a traceback,
+    # and none of the other bad files named. Now it is one skipped file among the others, each with its reason.
+    from lycolab.cli import main
+    from lycolab.config import read_dataset_config
+
+    folder = tmp_path / "data" / "5_issue"
+    dataset_file = _write_issue_13_folder(folder)
+    report = check_dataset(read_dataset_config(dataset_file))
+    assert report.usable_images == 1 and report.images_per_epoch == 1
+    assert [(row.resolution, row.images_with_repeats) for row in report.buckets] == [((64, 64), 1)]
+    assert len(report.bad_files) == len(EXPECTED_SKIPS)
+    for name, reason in EXPECTED_SKIPS.items():
+        [line] = [line for line in report.bad_files if line.startswith(str(folder / name) + ": ")]
+        assert reason in line
+    assert main(["check-dataset", "--dataset_config", str(dataset_file)]) == 0
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.out + captured.err and "usable images: 1" in captured.out
+    assert "skipped files: 4" in captured.out
+    for name, reason in EXPECTED_SKIPS.items():
+        assert f"{folder / name}: " in captured.out and reason in captured.out
+
+
+def test_regression_issue_13_training_data_and_latent_cache_skip_the_one_pixel_png(tmp_path, tiny_sd, caplog):
+    # Training builds the same BucketedDataset and encodes BucketedDataset.pixels() into the latent cache.
+    from lycolab.config import read_dataset_config
+    from lycolab.training.latent_cache import LatentCache
+
+    dataset_file = _write_issue_13_folder(tmp_path / "data" / "5_issue")
+    with caplog.at_level(logging.WARNING):
+        dataset = BucketedDataset(read_dataset_config(dataset_file), 1)
+        dataset.log_summary()
+    assert [item.record.path.name for item in dataset.items] == ["good.png"]
+    assert "4 file(s) skipped (unreadable, or no bucket fits)" in caplog.text
+    assert sum("one_pixel.png" in record.getMessage() for record in caplog.records) == 1
+    cache = LatentCache(dataset, tiny_sd.vae, 2)
+    assert cache.get(0).shape == (4, 8, 8)  # the 64x64 bucket, 8x downscaled
+
+
+def test_doctor_lists_every_skipped_file_with_its_reason_in_text_and_notebook_views(tmp_path):
+    folder = tmp_path / "many"
+    folder.mkdir()
+    Image.new("RGB", (64, 64)).save(folder / "good.png")
+    for index in range(25):  # more than the 20 lines other sections show
+        (folder / f"broken_{index:02d}.png").write_bytes(b"x")
+    Image.new("RGB", (1, 64)).save(folder / "sliver.png")  # a 1:64 sliver keeps 1/16 of itself in a 1:4 bucket
+    report = check_dataset(folder_datasets(folder, "64"))
+    assert report.usable_images == 1 and len(report.bad_files) == 26
+    text = report.format()
+    assert "skipped files: 26" in text and "… and" not in text
+    assert all(line in text for line in report.bad_files)
+    assert "sliver.png: image is 1x64, too long and thin for any bucket" in text
+    page = report._repr_html_()
+    assert "skipped files: 26" in page and page.count("<td>" + str(folder)) == 26 + 1  # + the subset row
+    assert "broken_24.png: cannot read image (not an image file" in page
+
+
+def test_an_image_whose_caption_file_cannot_be_read_is_skipped_not_trained_without_its_caption(tmp_path,
+                                                                                             monkeypatch):
+    folder = tmp_path / "3_x"
+    folder.mkdir()
+    for name in ("a", "b"):
+        Image.new("RGB", (64, 64)).save(folder / f"{name}.png")
+        (folder / f"{name}.txt").write_bytes(b"\xef\xbb\xbfsks, \xff\x00cat\r\nsecond line")
+    read_text = Path.read_text
+
+    def unreadable_b(path, *args, **kwargs):  # root reads any file, so a permission error is simulated for one
+        if path.name == "b.txt":
+            raise PermissionError(13, "Permission denied")
+        return read_text(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", unreadable_b)
+    report = check_dataset(folder_datasets(tmp_path, "64"))
+    assert report.usable_images == 1
+    assert report.bad_files == [f"{folder / 'b.png'}: its caption file b.txt cannot be read (Permission denied); "
+                                "fix its permissions or delete it"]
+    dataset = BucketedDataset(folder_datasets(tmp_path, "64"), 1)
+    assert dataset.items[0].record.caption == "sks, \ufffdcat"  # BOM and NUL dropped, bad UTF-8 marked, line 1

@@ -113,6 +113,8 @@ def test_multiplier_scales_the_effect_and_restore_undoes_it(tiny_sd):
     assert not torch.allclose(_unet_output(tiny_sd.unet), base)
     network.restore()
     assert torch.equal(_unet_output(tiny_sd.unet), base)
+    wrapped = [module for module in tiny_sd.unet.modules() if "forward" in vars(module)]
+    assert not wrapped, "restore leaves no forward attribute on the layers: they run their class's own again"
 
 
 def test_load_reports_unmatched_keys(tiny_sd, tmp_path, caplog):

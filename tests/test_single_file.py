@@ -43,7 +43,7 @@ class _Payload:
 def test_a_ckpt_that_would_run_code_is_refused_and_never_runs(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     path = tmp_path / "evil.ckpt"
-    path.write_bytes(pickle.dumps({"state_dict": {"x": _Payload()}}))
+    path.write_bytes(pickle.dumps({"state_dict": {"x": _Payload()}}, protocol=2))
     with pytest.raises(ModelLoadError, match="pickled code and was refused.*convert it to .safetensors"):
         load_stable_diffusion(path)
     assert not (tmp_path / "PAYLOAD_RAN").exists()

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from lycolab.config import DatasetConfig
-from lycolab.data.buckets import BucketChoice, BucketManager
+from lycolab.data.buckets import BucketChoice, BucketManager, NoBucketFits
 from lycolab.data.captions import process_caption
 from lycolab.data.images import UnreadableImage, open_rgb, resize_and_crop, verified_size
 from lycolab.data.scan import ImageRecord, scan_subset
@@ -54,12 +54,18 @@ class BucketedDataset:
 
     def _usable(self, record: ImageRecord, size: tuple[int, int] | UnreadableImage, manager: BucketManager,
                 dataset_index: int) -> TrainItem | None:
-        """The record with its bucket, or None (and one warning naming the file and reason) if it cannot be used."""
+        """The record with its bucket, or None (and one warning naming the file and reason) if it cannot be used:
+        unreadable image or caption file, or a size no bucket fits (see :mod:`lycolab.data.buckets`)."""
         if isinstance(size, UnreadableImage):
-            logger.warning("skipping %s", size)
-            self.skipped.append(str(size))
-            return None
-        return TrainItem(record, manager.select(*size), dataset_index)
+            return self._skip(size)
+        try:
+            return TrainItem(record, manager.select(*size), dataset_index)
+        except NoBucketFits as error:
+            return self._skip(UnreadableImage(f"{record.path}: {error}"))
+
+    def _skip(self, reason: UnreadableImage) -> None:
+        logger.warning("skipping %s", reason)
+        self.skipped.append(str(reason))
 
     def __len__(self) -> int:
         return len(self.items)
@@ -135,11 +141,14 @@ class BucketedDataset:
             mean_error = sum(abs(item.bucket.aspect_ratio_error) for item in self.items) / len(self.items)
             logger.info("mean ar error (without repeats): %.4f", mean_error)
         if self.skipped:
-            logger.warning("%d file(s) skipped as unreadable", len(self.skipped))
+            logger.warning("%d file(s) skipped (unreadable, or no bucket fits); lycolab check-dataset lists each with "
+                           "its reason", len(self.skipped))
 
 
 def _size_or_error(record: ImageRecord) -> tuple[int, int] | UnreadableImage:
     """Every image is decoded once here, so a broken file is found before training, not in the middle of it."""
+    if record.problem is not None:
+        return record.problem
     try:
         return verified_size(record.path)
     except UnreadableImage as error:

@@ -1,8 +1,9 @@
 """Opening user images safely: orientation from EXIF, any mode to RGB, a bad file is reported, never fatal.
 
 Phones, boorus and Drive give CMYK JPEGs, palette and transparent PNGs, 16-bit and float TIFF-like PNGs, animated
-WebPs, truncated downloads, zero-byte placeholders and files that are not images at all. Each is either converted
-to upright 8-bit RGB or refused with an :class:`UnreadableImage` naming the file and the reason.
+WebPs, truncated downloads, zero-byte placeholders, files whose extension lies about their format and files that
+are not images at all. Each is either converted to upright 8-bit RGB or refused with an :class:`UnreadableImage`
+naming the file and the reason (tests/test_fuzz_images.py tries them all).
 """
 
 from __future__ import annotations
@@ -17,8 +18,6 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 logger = logging.getLogger(__name__)
 
 
-# What PIL raises for truncated, non-image, corrupt or decompression-bomb files.
-_READ_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 # Larger images are refused: decoding one would take gigabytes (PIL's own limit warns at 89 M and refuses at 179 M).
 MAX_IMAGE_PIXELS = 8192 * 8192
 
@@ -38,15 +37,23 @@ def open_rgb(path: str | Path) -> Image.Image:
             image.seek(0)
             image = ImageOps.exif_transpose(image)
             image.load()
-    except _READ_ERRORS as error:
+            return to_rgb(image)
+    except UnreadableImage:
+        raise
+    except MemoryError:
+        raise UnreadableImage(f"{path}: not enough memory to decode it; downscale it first") from None
+    except Exception as error:  # PIL's decoders raise many types on malformed data (OSError, ValueError,
+        # SyntaxError, EOFError, struct.error, IndexError, …): each is this one file's problem, never the run's
         raise UnreadableImage(f"{path}: cannot read image ({_reason(error)})") from None
-    return to_rgb(image)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL mode as 8-bit RGB: high-bit-depth and float images are scaled, not clipped to white."""
+    if image.mode in ("La", "RGBa"):  # premultiplied alpha, which PIL converts to RGB only via LA/RGBA
+        image = image.convert("LA" if image.mode == "La" else "RGBA")
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        array = np.asarray(image, dtype=np.float64)
+        with np.errstate(invalid="ignore"):  # float images may hold NaN/inf: black and white, without a warning
+            array = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0, posinf=1.0, neginf=0.0)
         if image.mode != "F":
             array = array / (65535.0 if array.max(initial=0) > 255 else 255.0)
         gray = (np.clip(array, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)

@@ -52,7 +52,7 @@ class DatasetReport:
     steps_per_epoch: int
     missing_captions: list[Path] = field(default_factory=list)
     duplicates: list[list[Path]] = field(default_factory=list)
-    bad_files: list[str] = field(default_factory=list)
+    bad_files: list[str] = field(default_factory=list)  # "file: reason" per skipped image (unreadable, no bucket)
     unused_files: list[Path] = field(default_factory=list)
 
     @property
@@ -81,8 +81,10 @@ class DatasetReport:
                 notes.append(f"{title}: {len(items)} — e.g. {', '.join(str(item) for item in items[:3])}")
         if not self.usable:
             notes.append("nothing usable: add images (png, jpg, jpeg, webp, bmp) to the image folders")
+        skipped = [{"file: reason": reason} for reason in self.bad_files]  # every one: each needs fixing by hand
         return (Table(self.rows(), title="dataset")._repr_html_()
-                + Table(self.bucket_rows(), title="buckets", notes=notes)._repr_html_())
+                + Table(self.bucket_rows(), title="buckets", notes=notes)._repr_html_()
+                + (Table(skipped, title="skipped files")._repr_html_() if skipped else ""))
 
     def format(self) -> str:
         """The report as plain text for the terminal."""
@@ -101,8 +103,9 @@ class DatasetReport:
                     ("other files in the folders (not used)", self.unused_files))
         for title, items in sections:
             if items:
-                lines += ["", f"{title}: {len(items)}"] + [f"  {item}" for item in items[:20]]
-                lines += [f"  … and {len(items) - 20} more"] if len(items) > 20 else []
+                shown = items if items is self.bad_files else items[:20]  # every skipped file, with its reason
+                lines += ["", f"{title}: {len(items)}"] + [f"  {item}" for item in shown]
+                lines += [f"  … and {len(items) - len(shown)} more"] if len(items) > len(shown) else []
         if not self.usable:
             lines += ["", "nothing usable: add images (png, jpg, jpeg, webp, bmp) to the image folders"]
         return "\n".join(lines)
@@ -110,16 +113,29 @@ class DatasetReport:
 
 def folder_datasets(image_dir: str | Path, resolution: str = "512", caption_extension: str = ".txt"
                     ) -> list[DatasetConfig]:
-    """One bucketed dataset from a folder: its own images plus every subfolder (``N_name`` gives N repeats)."""
+    """One bucketed dataset from a folder: its own images plus every subfolder (``N_name`` gives N repeats).
+
+    Buckets span sd-scripts' defaults (256 to 1024 px), widened to include ``resolution`` as sd-scripts requires.
+    """
     from lycolab.config import ConfigError, parse_resolution
 
     if not Path(image_dir).is_dir():
         raise ConfigError(f"{image_dir}: folder not found; give the folder that holds the images")
+    try:
+        width, height = parse_resolution(resolution)
+    except TypeError:
+        raise ConfigError(f"resolution must be a number of pixels or width,height (got {resolution!r})") from None
+    steps = DatasetConfig.bucket_reso_steps
+    if min(width, height) < steps:
+        raise ConfigError(f"resolution {width}x{height} is too small: at least {steps} px (512 is usual)")
     subsets = [dataclasses.replace(subset, caption_extension=caption_extension)
                for subset in discover_subsets(image_dir, default_repeats=1)]
     if not subsets:
         subsets = [SubsetConfig(image_dir=str(image_dir), caption_extension=caption_extension)]
-    return [DatasetConfig(subsets=subsets, resolution=parse_resolution(resolution), enable_bucket=True)]
+    low = min(DatasetConfig.min_bucket_reso, min(width, height))
+    high = max(DatasetConfig.max_bucket_reso, max(width, height))
+    return [DatasetConfig(subsets=subsets, resolution=(width, height), enable_bucket=True,
+                          min_bucket_reso=low - low % steps, max_bucket_reso=high + (-high) % steps)]
 
 
 def check_dataset(datasets: list[DatasetConfig], batch_size: int = 1, find_duplicates: bool = True

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lycolab.config import SubsetConfig
+from lycolab.data.images import UnreadableImage
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +26,7 @@ class ImageRecord:
     is_reg: bool
     subset: SubsetConfig
     has_caption: bool = True
+    problem: UnreadableImage | None = None  # why the image cannot be used, found while scanning (its caption file)
 
 
 def list_images(directory: str | Path) -> list[Path]:
@@ -76,19 +78,32 @@ def caption_suffix(caption_extension: str) -> str:
 
 
 def read_caption(image_path: Path, subset: SubsetConfig) -> str | None:
-    """The caption file beside the image (``caption_extension``), or None when there is none."""
+    """The first line of the caption file beside the image (``caption_extension``), or None when there is none.
+
+    Any bytes give a caption: a UTF-8 byte-order mark (Windows Notepad) is dropped, invalid UTF-8 becomes U+FFFD and
+    NUL characters are removed. A caption file that cannot be read at all raises :class:`UnreadableImage` for the
+    image, which is then skipped: training it without its caption would silently teach the wrong thing.
+    """
     caption_path = image_path.with_suffix(caption_suffix(subset.caption_extension))
     if not caption_path.is_file():
         return None
-    text = caption_path.read_text(encoding="utf-8", errors="replace")
-    return text.strip().splitlines()[0].strip() if text.strip() else ""
+    try:
+        text = caption_path.read_text(encoding="utf-8-sig", errors="replace").replace("\0", "").strip()
+    except OSError as error:
+        raise UnreadableImage(f"{image_path}: its caption file {caption_path.name} cannot be read "
+                              f"({error.strerror or error}); fix its permissions or delete it") from None
+    return text.splitlines()[0].strip() if text else ""
 
 
 def scan_subset(subset: SubsetConfig) -> list[ImageRecord]:
     """Records for a subset's images; a missing caption falls back to class_tokens (or empty)."""
     records = []
     for image_path in list_images(subset.image_dir):
-        caption = read_caption(image_path, subset)
+        try:
+            caption = read_caption(image_path, subset)
+        except UnreadableImage as error:
+            records.append(ImageRecord(image_path, "", subset.num_repeats, subset.is_reg, subset, False, error))
+            continue
         has_caption = caption is not None
         records.append(ImageRecord(image_path, caption if has_caption else subset.class_tokens or "",
                                    subset.num_repeats, subset.is_reg, subset, has_caption))

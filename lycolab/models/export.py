@@ -5,16 +5,19 @@ Our own key mapping, written from the two layouts: the U-Net's diffusers blocks 
 reverse order, attention projections as 1x1 convs), and the CLIP text encoder sits under
 ``cond_stage_model.transformer.text_model``. The test suite exports the tiny model and loads the file back with
 diffusers' own single-file loader to prove the mapping.
+
+Both exports — the single file and a diffusers folder — appear only when complete (the previous one stays until
+then), get the umask's file modes so other users' A1111/ComfyUI can read them, and a full disk is one line.
 """
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from lycolab.files import atomic_write
+from lycolab.files import WriteError, atomic_directory, save_safetensors
 
 UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."
 UNET_RESNET_NAMES = (("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("time_emb_proj", "emb_layers.1"),
@@ -103,7 +106,21 @@ def export_single_file(unet, vae, text_encoder, path: str | Path, dtype: torch.d
                **text_encoder_to_ldm(text_encoder.state_dict())}
     tensors = {key: (value.to(dtype) if dtype is not None and value.is_floating_point() else value)
                .detach().cpu().contiguous() for key, value in tensors.items()}
-    return atomic_write(path, lambda temporary: save_file(tensors, str(temporary), {"format": "pt"}))
+    return save_safetensors(path, tensors, {"format": "pt"})
+
+
+def save_diffusers_folder(pipeline, out: str | Path) -> Path:
+    """``pipeline.save_pretrained(out)`` made atomic: written into a hidden folder and renamed into place whole.
+
+    A folder that holds something other than a diffusers model is refused rather than replaced, since replacing
+    it would delete the files in it.
+    """
+    out = Path(out)
+    foreign = out.is_dir() and any(out.iterdir()) and not (out / "model_index.json").is_file()
+    if out.is_file() or foreign:
+        raise WriteError(f"{out}: already exists and is not a diffusers model folder; choose a new folder for the "
+                         "model (nothing was written)", errno.EEXIST, out)
+    return atomic_directory(out, lambda folder: pipeline.save_pretrained(folder, safe_serialization=True))
 
 
 def _rename(state_dict: dict[str, torch.Tensor], block_map: list[tuple[str, str, str]], prefix: str,

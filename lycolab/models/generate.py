@@ -85,6 +85,6 @@ def merge_into_model(model: str | Path, networks: Sequence[tuple[str | Path, flo
     pipeline = StableDiffusionPipeline(vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
                                        unet=parts.unet, scheduler=parts.noise_scheduler, safety_checker=None,
                                        feature_extractor=None, requires_safety_checker=False)
-    out = Path(out)
-    pipeline.save_pretrained(out, safe_serialization=True)
-    return out
+    from lycolab.models.export import save_diffusers_folder
+
+    return save_diffusers_folder(pipeline, Path(out))

@@ -1,8 +1,16 @@
 """Loading a base model for training: a diffusers folder, a hub id (online), or a single original-layout
-``.safetensors`` / ``.ckpt`` (A1111-style), with an optional VAE swap."""
+``.safetensors`` / ``.ckpt`` (A1111-style), with an optional VAE swap.
+
+Model files are large and often arrive damaged (a download or a Drive copy that stopped). Whatever is wrong with
+them, loading ends in a :class:`ModelLoadError` of one line naming the file and the fix, never in a traceback from
+deep inside diffusers or transformers: the files those will read are checked first (every JSON parses, every
+``.safetensors`` header describes the whole file), and whatever the libraries still raise is reported the same way.
+Pickles (``.ckpt``/``.pt``/``.bin``) are read only by torch's ``weights_only`` unpickler, which refuses code.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import pickle
 from dataclasses import dataclass
@@ -12,6 +20,8 @@ import torch
 
 logger = logging.getLogger(__name__)
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
+# The diffusers folders lycolab loads; the tokenizer has no config.json, the others need one.
+MODEL_PARTS = ("unet", "text_encoder", "vae", "tokenizer")
 
 
 class ModelLoadError(ValueError):
@@ -47,17 +57,107 @@ def load_stable_diffusion(model: str | Path, vae: str | Path | None = None, v_pa
         for model_part, part_dtype in ((parts.unet, dtype), (parts.text_encoder, dtype), (parts.vae, None)):
             _place(model_part, device, part_dtype)
         return parts
-    if path.is_dir() and not (path / "model_index.json").is_file() and not (path / "unet").is_dir():
-        raise ModelLoadError(f"{path}: not a diffusers model folder (no model_index.json or unet/); check the path")
+    if path.is_dir():
+        if not (path / "model_index.json").is_file() and not (path / "unet").is_dir():
+            raise ModelLoadError(f"{path}: not a diffusers model folder (no model_index.json or unet/); check the "
+                                 "path")
+        check_model_folder(path)
+    if vae:
+        vae_model = _load_vae(vae)
     try:
-        unet = _place(UNet2DConditionModel.from_pretrained(source, subfolder="unet"), device, dtype)
-        text_encoder = _place(CLIPTextModel.from_pretrained(source, subfolder="text_encoder"), device, dtype)
+        unet = _place(UNet2DConditionModel.from_pretrained(
+            source, subfolder="unet", variant=weights_variant(path / "unet")), device, dtype)
+        text_encoder = _place(CLIPTextModel.from_pretrained(
+            source, subfolder="text_encoder", variant=weights_variant(path / "text_encoder")), device, dtype)
         tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
-        vae_model = _place(_load_vae(vae) if vae else AutoencoderKL.from_pretrained(source, subfolder="vae"), device)
-    except OSError as error:
-        raise ModelLoadError(f"{source}: cannot load the model ({_first_line(error)}); download it first") from None
+        if not vae:
+            vae_model = AutoencoderKL.from_pretrained(source, subfolder="vae", variant=weights_variant(path / "vae"))
+    except MemoryError:
+        raise
+    except Exception as error:  # the libraries raise anything for a bad model; it is the file's fault
+        raise ModelLoadError(f"{source}: cannot load the model ({_first_line(error)}); download it (again: it may "
+                             "be incomplete) with lycolab download") from None
     _hint_v_parameterization(unet, source, v_parameterization)
-    return StableDiffusionParts(unet, vae_model, text_encoder, tokenizer, training_scheduler(v_parameterization))
+    return StableDiffusionParts(unet, _place(vae_model, device), text_encoder, tokenizer,
+                                training_scheduler(v_parameterization))
+
+
+def check_model_folder(folder: Path, parts: tuple[str, ...] = MODEL_PARTS) -> None:
+    """Raise a ModelLoadError naming the first damaged file of a diffusers folder, before any library reads it.
+
+    An interrupted download or copy leaves JSON that does not parse, ``.safetensors`` cut short, or no
+    ``config.json`` at all (transformers then builds a default-sized model and fails on the weights with a message
+    about sizes). Only the files ``from_pretrained`` reads are checked: other variants (``*.fp16.safetensors``) are
+    left alone.
+    """
+    if (folder / "model_index.json").is_file():
+        _check_json(folder / "model_index.json")
+    for part in parts:
+        check_model_part(folder / part, needs_config=part != "tokenizer")
+    if "tokenizer" in parts:
+        _check_vocabulary(folder / "tokenizer")
+
+
+def _check_vocabulary(folder: Path) -> None:
+    """Without its vocabulary transformers still builds a CLIP tokenizer, one that turns every word into the unknown
+    token: training would run on empty prompts without a word of warning."""
+    if not (folder / "tokenizer.json").is_file() and not (
+            (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()):
+        raise ModelLoadError(f"{folder}: no tokenizer.json (or vocab.json and merges.txt), so every word would be "
+                             "unknown; download the model again")
+
+
+_WEIGHT_STEMS = ("diffusion_pytorch_model", "model", "pytorch_model")
+
+
+def weights_variant(folder: Path) -> str | None:
+    """The variant (``fp16``) of a component folder that holds only variant weights, as ``lycolab download
+    --variant fp16`` leaves it: ``from_pretrained`` finds variant files only when told their variant. None when
+    plain weights are there (or the folder is not local)."""
+    if not folder.is_dir():
+        return None
+    weights = [path.name.split(".") for path in folder.iterdir()
+               if path.suffix in (".safetensors", ".bin") and path.name.split(".")[0].split("-")[0] in _WEIGHT_STEMS]
+    if any(len(parts) == 2 for parts in weights):
+        return None
+    variants = {parts[1].split("-")[0] for parts in weights if len(parts) == 3}
+    return variants.pop() if len(variants) == 1 else None
+
+
+def check_model_part(folder: Path, needs_config: bool = True) -> None:
+    """One component folder (``unet/``, a VAE folder): its config, every JSON, the weight files ``from_pretrained``
+    will read (the plain ones, or the variant's when only a variant is there)."""
+    if needs_config and not (folder / "config.json").is_file():
+        raise ModelLoadError(f"{folder / 'config.json'}: missing; download the model again")
+    for file in sorted(folder.glob("*.json")):
+        _check_json(file)
+    variant = weights_variant(folder)
+    for file in sorted(folder.glob("*.safetensors")):
+        parts = file.name.split(".")
+        if len(parts) == 2 or (variant is not None and len(parts) == 3 and parts[1] == variant):
+            check_safetensors(file)
+
+
+def check_safetensors(path: Path) -> None:
+    """A ``.safetensors`` whose header is unreadable or does not describe the whole file is damaged or incomplete."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ModelLoadError(f"{path}: damaged or incomplete ({_first_line(error)}); download it again") from None
+
+
+def _check_json(path: Path) -> None:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        raise ModelLoadError(f"{path}: not valid JSON ({_first_line(error)}); the model is damaged or incomplete: "
+                             "download it again") from None
+    if not isinstance(value, dict):
+        raise ModelLoadError(f"{path}: holds a {type(value).__name__}, not a JSON object; the model is damaged: "
+                             "download it again")
 
 
 def _place(model: torch.nn.Module, device: torch.device | str | None, dtype: torch.dtype | None = None
@@ -96,21 +196,38 @@ def load_single_file(path: str | Path, vae: str | Path | None = None, v_paramete
     path = Path(path)
     if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
         raise ModelLoadError(f"{path}: not a model checkpoint ({', '.join(SINGLE_FILE_SUFFIXES)}) or folder")
+    if path.suffix.lower() == ".safetensors":
+        check_safetensors(path)
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
     try:
         pipeline = StableDiffusionPipeline.from_single_file(
             str(path), config=str(config) if config else None, local_files_only=offline, safety_checker=None,
             requires_safety_checker=False)
-    except (pickle.UnpicklingError, RuntimeError, OSError, ValueError) as error:
-        if _refused_pickle(error):
-            raise ModelLoadError(f"{path}: this .ckpt contains pickled code and was refused (loading it could run "
-                                 "anything); convert it to .safetensors with a trusted tool first") from None
-        raise ModelLoadError(f"{path}: cannot load the checkpoint ({_first_line(error)}); offline, give the "
-                             "config of a diffusers folder of the same model type") from None
+    except MemoryError:
+        raise
+    except Exception as error:  # diffusers raises anything for a bad checkpoint
+        raise ModelLoadError(_single_file_problem(path, error, config)) from None
     _hint_v_parameterization(pipeline.unet, str(path), v_parameterization)
     vae_model = _load_vae(vae) if vae else pipeline.vae
     return StableDiffusionParts(pipeline.unet, vae_model, pipeline.text_encoder, pipeline.tokenizer,
                                 training_scheduler(v_parameterization))
+
+
+def _single_file_problem(path: Path, error: Exception, config: str | Path | None) -> str:
+    """What went wrong with a checkpoint, and the fix: a refused pickle, a damaged file, or the wrong kind of file."""
+    import zipfile
+
+    if _refused_pickle(error):
+        return (f"{path}: this {path.suffix} contains pickled code and was refused (loading it could run anything); "
+                "convert it to .safetensors with a trusted tool first")
+    if path.suffix.lower() != ".safetensors" and not zipfile.is_zipfile(path):
+        return (f"{path}: damaged or incomplete (not a PyTorch checkpoint archive: {_first_line(error)}); download "
+                "it again")
+    if config:
+        return (f"{path}: cannot load the checkpoint ({_first_line(error)}); is it a whole SD 1.x/2.x checkpoint "
+                f"(not a LoRA or a VAE) of the same type as {config}?")
+    return (f"{path}: cannot load the checkpoint ({_first_line(error)}); offline, give the config of a diffusers "
+            "folder of the same model type")
 
 
 def is_v2(unet) -> bool:
@@ -132,9 +249,11 @@ def _refused_pickle(error: BaseException | None) -> bool:
     return False
 
 
-def _first_line(error: Exception) -> str:
+def _first_line(error: BaseException) -> str:
+    """The first line of a library's message, cut short: some quote whole configs or file lists."""
     text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+    line = text.splitlines()[0] if text else type(error).__name__
+    return line if len(line) <= 300 else line[:297] + "..."
 
 
 def _load_vae(vae: str | Path):
@@ -142,11 +261,23 @@ def _load_vae(vae: str | Path):
 
     path = Path(vae)
     if path.is_file():
+        if path.suffix.lower() == ".safetensors":
+            check_safetensors(path)
         try:
             return AutoencoderKL.from_single_file(str(path))  # .ckpt is read with weights_only=True by diffusers
-        except (pickle.UnpicklingError, RuntimeError, OSError, ValueError) as error:
+        except MemoryError:
+            raise
+        except Exception as error:  # diffusers raises anything for a bad file
             reason = "it contains pickled code and was refused" if _refused_pickle(error) else _first_line(error)
             raise ModelLoadError(f"{path}: cannot load this VAE file ({reason}); convert it to .safetensors or a "
                                  "diffusers VAE folder first") from None
     subfolder = "vae" if (path / "vae").is_dir() else None
-    return AutoencoderKL.from_pretrained(str(vae), subfolder=subfolder)
+    if path.is_dir():
+        check_model_part(path / subfolder if subfolder else path)
+    try:
+        return AutoencoderKL.from_pretrained(str(vae), subfolder=subfolder)
+    except MemoryError:
+        raise
+    except Exception as error:  # as above
+        raise ModelLoadError(f"{vae}: cannot load this VAE ({_first_line(error)}); download it (again: it may be "
+                             "incomplete) with lycolab download") from None

@@ -189,6 +189,6 @@ def save_tiny_sd(directory: str | Path, seed: int = TINY_SEED, v2: bool = False,
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    directory = Path(directory)
-    pipeline.save_pretrained(directory, safe_serialization=True)
-    return directory
+    from lycolab.models.export import save_diffusers_folder
+
+    return save_diffusers_folder(pipeline, Path(directory))

@@ -8,6 +8,7 @@ string.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 BOOLEAN_OPTIONS = ("use_tucker", "decompose_both", "full_matrix", "unbalanced_factorization", "rank_dropout_scale")
@@ -70,6 +71,10 @@ def _number(args: dict[str, str], key: str, kind: type) -> Any:
         value = kind(float(text)) if kind is int else kind(text)
     except ValueError:
         raise NetworkArgsError(f"network_args {key} must be a number (got {text!r})") from None
+    except OverflowError:  # int(float("inf"))
+        value = math.inf
+    if not math.isfinite(value):
+        raise NetworkArgsError(f"network_args {key} must be a finite number (got {text!r})")
     if key != "factor" and value < 0:
         raise NetworkArgsError(f"network_args {key} must be >= 0 (got {text!r})")
     return value

@@ -67,7 +67,10 @@ class AdapterModule(nn.Module):
     def restore(self) -> None:
         """Undo :meth:`apply_to`; the layer behaves exactly as before."""
         if self._org_forward is not None:
-            self.org_module.forward = self._org_forward
+            if getattr(self._org_forward, "__func__", None) is type(self.org_module).forward:
+                del self.org_module.forward  # the class's own forward again, no instance attribute left behind
+            else:
+                self.org_module.forward = self._org_forward  # another wrapper was there first: give it back
             self._org_forward = None
 
     def original_forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
-from lycolab.files import atomic_write
+from lycolab.files import save_safetensors
 from lycolab.networks.base import AdapterModule, AdapterShapeError
 from lycolab.networks.naming import UNET_PREFIX, canonical_named_modules, lora_name, text_encoder_prefix
 
@@ -53,11 +53,16 @@ def save_adapter_file(
     }
     metadata = {key: str(value) for key, value in metadata.items() if value is not None}
     metadata.update(model_hashes(tensors, metadata))
-    return atomic_write(path, lambda temporary: save_file(tensors, str(temporary), metadata))
+    return save_safetensors(path, tensors, metadata)
 
 
 def read_adapter_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and metadata of a ``.safetensors`` adapter; other formats are refused (they could run code)."""
+    """Tensors and metadata of a ``.safetensors`` adapter; other formats are refused (they could run code).
+
+    Whatever the bytes, the result is a readable file's tensors or an :class:`AdapterFileError` naming the file:
+    truncated files, corrupt headers and tensors no adapter can hold (NaN/inf, complex, an ``alpha`` that is not one
+    number) are refused here, before any model is touched.
+    """
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
         raise AdapterFileError(f"{path}: only .safetensors adapters are loaded (pickled files can run code)")
@@ -66,10 +71,43 @@ def read_adapter_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[s
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
-        return load_file(str(path)), metadata
-    except (SafetensorError, OSError) as error:
-        message = f"{path}: not a readable safetensors file ({error}); re-download or re-save it"
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, TypeError, RuntimeError) as error:
+        message = f"{path}: not a readable safetensors file ({_first_line(error)}); re-download or re-save it"
         raise AdapterFileError(message) from None
+    check_adapter_tensors(path, tensors)
+    return tensors, metadata
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0][:300] if lines else type(error).__name__
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    if not tensor.is_floating_point():
+        return True
+    try:
+        return bool(torch.isfinite(tensor).all())
+    except (RuntimeError, NotImplementedError):  # float8 and other storage-only types
+        return bool(torch.isfinite(tensor.float()).all())
+
+
+def check_adapter_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse values no adapter can hold: applied, they would silently turn every image black or every loss NaN."""
+    complex_keys = [key for key, tensor in tensors.items() if tensor.is_complex()]
+    if complex_keys:
+        raise AdapterFileError(f"{path}: {len(complex_keys)} tensor(s) are complex numbers, which no adapter holds "
+                               f"({_summarise(complex_keys)}); re-download or re-save the file")
+    not_finite = [key for key, tensor in tensors.items() if not _all_finite(tensor)]
+    if not_finite:
+        raise AdapterFileError(f"{path}: {len(not_finite)} tensor(s) hold NaN or infinite values "
+                               f"({_summarise(not_finite)}); the training that wrote it diverged: use an earlier "
+                               "epoch's file, or retrain with a lower learning rate")
+    bad_alpha = [key for key, tensor in tensors.items() if key.endswith(".alpha") and tensor.numel() != 1]
+    if bad_alpha:
+        raise AdapterFileError(f"{path}: alpha must be one number, but {_summarise(bad_alpha)} has shape "
+                               f"{list(tensors[bad_alpha[0]].shape)}; re-download or re-save the file")
 
 
 def group_by_module(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
@@ -107,38 +145,47 @@ def adaptable_layers(unet: nn.Module | None, text_encoders: list[nn.Module]) -> 
     return layers
 
 
+# Errors from rebuilding a module out of a file's tensors that mean "these tensors do not make this algorithm" (a
+# missing factor, a 1-D or empty matrix, a rank of 0); the file is the problem, so they become AdapterFileError.
+MALFORMED_TENSOR_ERRORS = (KeyError, IndexError, RuntimeError, ValueError, ZeroDivisionError, TypeError)
+
+
 def build_adapters(path: Path, tensors: dict[str, torch.Tensor], layers: dict[str, nn.Module], multiplier: float
                    ) -> tuple[list[AdapterModule], list[str], dict[str, list[str]]]:
-    """(adapters, module names matching no layer, unsupported algorithm → module names) from a file's tensors."""
+    """(adapters, module names matching no layer, reason → module names skipped) from a file's tensors.
+
+    Nothing here touches the model: the adapters only hold references to their layers until ``apply_to``.
+    """
     from lycolab.networks.network import ALGORITHM_MODULES
 
-    adapters, unmatched, unsupported = [], [], {}
+    adapters, unmatched, skipped = [], [], {}
     for module_name, parameters in group_by_module(tensors).items():
-        algo = detect_algorithm(parameters)
+        if module_name not in layers:
+            unmatched.append(module_name)
+            continue
         if "dora_scale" in parameters:
             raise AdapterFileError(f"{path}: {module_name} uses DoRA (dora_scale), which lycolab cannot apply yet")
+        algo = detect_algorithm(parameters)
         if algo is None:
             other = unsupported_algorithm(parameters)
-            if other is not None and module_name in layers:
-                unsupported.setdefault(other, []).append(module_name)
-            else:
-                unmatched.append(module_name)
-        elif module_name not in layers:
-            unmatched.append(module_name)
-        else:
-            try:
-                adapters.append(ALGORITHM_MODULES[algo].from_weights(module_name, layers[module_name], parameters,
-                                                                     multiplier))
-            except AdapterShapeError as error:
-                raise AdapterFileError(f"{path}: {error}") from None
-            except (KeyError, RuntimeError) as error:
-                raise AdapterFileError(f"{path}: {module_name} has incomplete or malformed {algo} tensors "
-                                       f"({error}); re-download or re-save the file") from None
-    return adapters, unmatched, unsupported
+            reason = (f"use {other}, which lycolab cannot apply" if other is not None else
+                      f"hold no tensors of a known algorithm ({_summarise(sorted(parameters))})")
+            skipped.setdefault(reason, []).append(module_name)
+            continue
+        try:
+            adapters.append(ALGORITHM_MODULES[algo].from_weights(module_name, layers[module_name], parameters,
+                                                                 multiplier))
+        except AdapterShapeError as error:
+            raise AdapterFileError(f"{path}: {_first_line(error)}") from None
+        except MALFORMED_TENSOR_ERRORS as error:
+            raise AdapterFileError(f"{path}: {module_name} has incomplete or malformed {algo} tensors "
+                                   f"({_first_line(error)}); re-download or re-save the file") from None
+    return adapters, unmatched, skipped
 
 
 def _summarise(names: list[str]) -> str:
-    return ", ".join(names[:5]) + (" …" if len(names) > 5 else "")
+    shown = [name if name.isprintable() and len(name) <= 120 else repr(name)[:120] for name in names[:5]]
+    return ", ".join(shown) + (" …" if len(names) > 5 else "")
 
 
 def load_network(
@@ -159,13 +206,12 @@ def load_network(
     path = Path(path)
     tensors, metadata = read_adapter_file(path)
     layers = adaptable_layers(unet, text_encoders or [])
-    adapters, unmatched, unsupported = build_adapters(path, tensors, layers, multiplier)
+    adapters, unmatched, skipped = build_adapters(path, tensors, layers, multiplier)
     if unmatched:
         logger.warning("%s: %d module(s) match no layer of this model and were skipped: %s", path.name,
                        len(unmatched), _summarise(unmatched))
-    for algo, names in unsupported.items():
-        logger.warning("%s: %d module(s) use %s, which lycolab cannot apply; skipped: %s", path.name, len(names),
-                       algo, _summarise(names))
+    for reason, names in skipped.items():
+        logger.warning("%s: %d module(s) %s; skipped: %s", path.name, len(names), reason, _summarise(names))
     if not adapters:
         raise AdapterFileError(f"{path}: no module of this file can be applied to this model; is it an adapter "
                                "for SD 1.x/2.x?")
@@ -181,10 +227,13 @@ def load_network(
 
 
 def metadata_algorithm(metadata: dict[str, str]) -> str | None:
-    """The ``algo`` recorded in ``ss_network_args``, if any."""
+    """The ``algo`` recorded in ``ss_network_args``, if it names one; any other metadata is only informative."""
+    from lycolab.networks.network import ALGORITHM_MODULES
+
     try:
-        return json.loads(metadata.get("ss_network_args", "{}")).get("algo")
-    except (json.JSONDecodeError, AttributeError):
+        algo = json.loads(metadata.get("ss_network_args", "{}")).get("algo")
+    except (json.JSONDecodeError, AttributeError, RecursionError):
         return None
+    return algo.lower() if isinstance(algo, str) and algo.lower() in ALGORITHM_MODULES else None
 
 

@@ -42,7 +42,6 @@ def compare_epochs(workspace: Workspace, prompts: str, epochs: str = "all", seed
     from lycolab.config import load_config
     from lycolab.models.load import load_stable_diffusion
     from lycolab.networks import load_network
-    from lycolab.networks.io import read_adapter_file
     from lycolab.training.sampling import SamplePrompt, generate_samples, parse_prompt_line
 
     config = load_config(workspace.config_file)
@@ -69,7 +68,7 @@ def compare_epochs(workspace: Workspace, prompts: str, epochs: str = "all", seed
                                                  config.max_token_length)))
         network.set_multiplier(1.0)
     for index, (label, path) in enumerate(files):
-        network.load_state_dict(read_adapter_file(path)[0])
+        _load_epoch(network, path, files[0][1])
         columns.append((label, generate_samples(parts, samples, scratch, f"col{index:03d}", sampler,
                                                 config.clip_skip, config.max_token_length)))
     grid = labelled_grid(columns, [sample.prompt for sample in samples], scratch.with_suffix(".png"))
@@ -94,3 +93,17 @@ def labelled_grid(columns: list[tuple[str, list[Path]]], row_labels: list[str], 
         for column, column_images in enumerate(images):
             grid.paste(column_images[row], (label_width + column * cell_width, LABEL_HEIGHT + row * cell_height))
     return atomic_write(path, lambda temporary: grid.save(temporary, format="PNG"))
+
+
+def _load_epoch(network, path: Path, first: Path) -> None:
+    """Swap another epoch's weights into the network built from the first file; a file of another shape (a run
+    with other ranks or another algorithm saved under the same name) is one line, not a size-mismatch traceback."""
+    from lycolab.networks import AdapterFileError
+    from lycolab.networks.io import read_adapter_file
+
+    try:
+        network.load_state_dict(read_adapter_file(path)[0])
+    except RuntimeError as error:
+        reason = str(error).splitlines()[1].strip() if len(str(error).splitlines()) > 1 else str(error)
+        raise AdapterFileError(f"{path}: does not fit the network of {first.name} ({reason}); compare the epochs "
+                               "of one run, or move the other run's files out of the output folder") from None

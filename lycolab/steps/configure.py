@@ -108,7 +108,9 @@ def configure(workspace: Workspace, *, model_version: str = "auto", pretrained_m
     datasets = folder_datasets(workspace.train_data, str(resolution), extension)
     for dataset in datasets:
         dataset.enable_bucket, dataset.bucket_no_upscale = enable_bucket, bucket_no_upscale
-        dataset.min_bucket_reso, dataset.max_bucket_reso = min_bucket_reso, max_bucket_reso
+        # sd-scripts requires min_bucket_reso <= resolution <= max_bucket_reso: widen the form's range to include it
+        dataset.min_bucket_reso = min(min_bucket_reso, *dataset.resolution)
+        dataset.max_bucket_reso = max(max_bucket_reso, *dataset.resolution)
         dataset.subsets = [dataclasses.replace(
             subset, num_repeats=subset.num_repeats if _has_repeat_prefix(subset.image_dir) else dataset_repeats,
             shuffle_caption=shuffle_caption, keep_tokens=keep_tokens, flip_aug=flip_aug) for subset in dataset.subsets]

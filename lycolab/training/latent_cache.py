@@ -5,6 +5,11 @@ A disk entry is ``<image file name>.latents.safetensors`` holding ``latents`` (a
 ``flip_aug``) with a fingerprint of the image file (size and modification time), its bucket and resize, and the VAE
 (its config and first/last weights). Any change makes the entry stale and it is encoded again; entries are written
 atomically, so an interrupted run never leaves a half-written cache behind.
+
+Entries are still checked when read — a copy or sync cut short, or an older writer, can leave a truncated file, a
+tensor of the wrong shape or NaNs under the final name — and any such entry is encoded again, to exactly the bits a
+clean run gets (each image's VAE sample has its own random stream). Hidden temporary files a killed run left are
+removed. A write that fails (disk full) only warns: the latents stay in memory for this run.
 """
 
 from __future__ import annotations
@@ -12,14 +17,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from lycolab.data.dataset import BucketedDataset
-from lycolab.files import atomic_write
+from lycolab.files import save_safetensors, temporary_path, writing_folder
 from lycolab.training.seeds import torch_generator
 
 logger = logging.getLogger(__name__)
@@ -63,13 +68,22 @@ class LatentCache:
         self.seed = seed
         self.to_disk = to_disk
         self.vae_id = vae_fingerprint(vae) if to_disk else ""
+        self.latent_channels = vae.config.latent_channels
+        self.downscale = 2 ** (len(vae.config.block_out_channels) - 1)
         self.latents: dict[int, torch.Tensor] = {}
         self.flipped: dict[int, torch.Tensor] = {}
         self.loaded_from_disk = 0
+        self.damaged: list[Path] = []
+        self.write_failed = False
+        if to_disk:
+            self._remove_leftovers()
         missing = [index for index in range(len(dataset)) if not (to_disk and self._load(index))]
         self._encode(vae, missing, batch_size)
         if to_disk:
             logger.info("latents: %d read from disk, %d encoded and saved", self.loaded_from_disk, len(missing))
+        if self.damaged:
+            logger.warning("latents: %d damaged cache file(s) encoded again, e.g. %s", len(self.damaged),
+                           self.damaged[0])
 
     def get(self, index: int, flip: bool = False) -> torch.Tensor:
         return self.flipped[index] if flip else self.latents[index]
@@ -83,23 +97,46 @@ class LatentCache:
         return (f"{stat.st_size}:{stat.st_mtime_ns}:{item.bucket.resized_size}:{item.bucket.bucket_resolution}:"
                 f"{self.vae_id}")
 
+    def latent_shape(self, index: int) -> tuple[int, int, int]:
+        """(channels, height, width) of this image's latent: its bucket divided by the VAE's downscale."""
+        width, height = self.dataset.items[index].bucket.bucket_resolution
+        return self.latent_channels, height // self.downscale, width // self.downscale
+
+    def _remove_leftovers(self) -> None:
+        """Hidden temporary files of a run killed while writing this cache (they hold nothing to reuse)."""
+        for item in self.dataset.items:
+            entry = cache_path(item.record.path)
+            for leftover in (temporary_path(entry), writing_folder(entry)):
+                if leftover.is_dir():
+                    shutil.rmtree(leftover, ignore_errors=True)
+                elif leftover.exists():
+                    leftover.unlink(missing_ok=True)
+
     def _load(self, index: int) -> bool:
+        """Read a current, sound entry; a stale one (changed image, bucket or VAE) or a damaged one is not used."""
         path = cache_path(self.dataset.items[index].record.path)
         if not path.is_file():
             return False
+        names = ("latents", "latents_flipped") if self._needs_flip(index) else ("latents",)
         try:
             with safe_open(str(path), framework="pt") as handle:
                 if (handle.metadata() or {}).get("fingerprint") != self.fingerprint(index):
                     return False
-                if self._needs_flip(index) and "latents_flipped" not in handle.keys():
-                    return False
-                self.latents[index] = handle.get_tensor("latents")
-                if self._needs_flip(index):
-                    self.flipped[index] = handle.get_tensor("latents_flipped")
-        except (SafetensorError, OSError):
-            return False  # a damaged cache file is simply encoded again
+                tensors = {name: handle.get_tensor(name) for name in names if name in handle.keys()}
+        except (SafetensorError, OSError, ValueError, RuntimeError, TypeError):
+            tensors = {}  # truncated or garbage: encoded again
+        if not all(name in tensors and self._sound(index, tensors[name]) for name in names):
+            self.damaged.append(path)
+            return False
+        self.latents[index] = tensors["latents"]
+        if self._needs_flip(index):
+            self.flipped[index] = tensors["latents_flipped"]
         self.loaded_from_disk += 1
         return True
+
+    def _sound(self, index: int, latent: torch.Tensor) -> bool:
+        return (latent.dtype == torch.float32 and tuple(latent.shape) == self.latent_shape(index)
+                and bool(torch.isfinite(latent).all()))
 
     @torch.no_grad()
     def _encode(self, vae, indices: list[int], batch_size: int) -> None:
@@ -128,12 +165,15 @@ class LatentCache:
         return [torch_generator(self.seed, CACHE_STREAM, index, int(flip)) for index in indices]
 
     def _save(self, index: int) -> None:
+        """Write one entry; after a failed write (disk full) the rest of the cache stays in memory only, said once."""
+        if self.write_failed:
+            return
         tensors = {"latents": self.latents[index].contiguous()}
         if index in self.flipped:
             tensors["latents_flipped"] = self.flipped[index].contiguous()
         metadata = {"fingerprint": self.fingerprint(index)}
-        path = cache_path(self.dataset.items[index].record.path)
         try:
-            atomic_write(path, lambda temporary: save_file(tensors, str(temporary), metadata))
+            save_safetensors(cache_path(self.dataset.items[index].record.path), tensors, metadata)
         except OSError as error:
-            logger.warning("%s: cannot write the latent cache (%s); it stays in memory only", path, error.strerror)
+            self.write_failed = True
+            logger.warning("%s; the latent cache stays in memory only for this run", error)

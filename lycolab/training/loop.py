@@ -8,6 +8,7 @@ of an uninterrupted run, and N processes sharing each global batch compute what 
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import os
@@ -20,6 +21,7 @@ import torch
 
 from lycolab.config import TrainConfig, network_args_dict
 from lycolab.data.dataset import BucketedDataset
+from lycolab.files import WriteError, as_write_error
 from lycolab.models.load import StableDiffusionParts, load_stable_diffusion
 from lycolab.models.text import encode_prompts
 from lycolab.networks import AdapterNetwork, create_network, load_network
@@ -36,7 +38,7 @@ from lycolab.training.optim import build_optimizer, parse_optimizer_args
 from lycolab.training.sampling import SamplePrompt, generate_samples, make_grid, read_prompt_file
 from lycolab.training.schedule import build_lr_scheduler
 from lycolab.training.seeds import python_rng, torch_generator
-from lycolab.training.state import StateError, TrainingState, find_latest_state, load_state, pack, save_state, unpack
+from lycolab.training.state import StateError, TrainingState, load_state, pack, resume_folder, save_state, unpack
 from lycolab.training.state import state_dir_name as state_name
 
 logger = logging.getLogger(__name__)
@@ -44,6 +46,8 @@ logger = logging.getLogger(__name__)
 SAVE_DTYPES = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, None: torch.float16}
 VAE_STREAM = 1  # tells the per-image VAE sampling stream apart from the batch's noise stream
 OUT_OF_MEMORY_MARKERS = ("out of memory", "can't allocate memory", "not enough memory")
+# Failures of a write wherever it happens (an adapter, a state, a sample, the loss log): the disk, not the code.
+DISK_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EROFS, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
 class TrainingError(RuntimeError):
@@ -166,6 +170,7 @@ class Trainer:
         self.result = TrainResult()
         self.name = config.output_name or "last"
         self.log: TrainingLog | None = None
+        self.position = (0, 1, 0)  # (step, epoch, next batch of that epoch)
 
     # ------------------------------------------------------------------------------------------------ setting up
     def setup(self) -> None:
@@ -186,7 +191,6 @@ class Trainer:
         self._prepare_data()
         self._prepare_models()
         self._prepare_optimizer()
-        self.position = (0, 1, 0)  # (step, epoch, next batch of that epoch)
         if resume is not None:
             self._restore(resume)
         distributed.broadcast_module(self.network)
@@ -208,15 +212,12 @@ class Trainer:
         resume = self.config.resume
         if not resume:
             return None
-        if resume == "latest":
-            folder = find_latest_state(self.config.output_dir, self.name)  # None too when output_dir is new
+        try:
+            folder = resume_folder(resume, self.config.output_dir, self.name)  # a damaged newest one is refused
             if folder is None:
                 logger.info("resume = latest: no %s-*state folder in %s yet, starting from the beginning",
                             self.name, self.config.output_dir)
                 return None
-        else:
-            folder = Path(resume)
-        try:
             state = load_state(folder)
         except StateError as error:
             raise TrainingError(str(error)) from None
@@ -321,13 +322,14 @@ class Trainer:
         try:
             self.network.load_state_dict(state.group("network"))
             self.optimizer.load_state_dict(unpack(state.info["optimizer"], state.tensors))
-        except (RuntimeError, ValueError, KeyError) as error:
-            raise TrainingError(f"{self.result.resumed_from}: the state does not fit this network ({error}); "
+            self.lr_scheduler.load_state_dict(unpack(state.info["scheduler"], state.tensors))
+            if state.info.get("scaler") and self.accelerator.scaler is not None:
+                self.accelerator.scaler.load_state_dict(unpack(state.info["scaler"], state.tensors))
+            torch.set_rng_state(state.tensors["rng/torch"])
+        except (RuntimeError, ValueError, KeyError, TypeError, AttributeError, IndexError) as error:
+            detail = " ".join(str(error).split())[:200]  # load_state_dict's report spans many lines
+            raise TrainingError(f"{self.result.resumed_from}: the state does not fit this network ({detail}); "
                                 "use the same network settings as the run that saved it") from None
-        self.lr_scheduler.load_state_dict(unpack(state.info["scheduler"], state.tensors))
-        if state.info.get("scaler") and self.accelerator.scaler is not None:
-            self.accelerator.scaler.load_state_dict(unpack(state.info["scaler"], state.tensors))
-        torch.set_rng_state(state.tensors["rng/torch"])
         cuda_states = [state.tensors[f"rng/cuda/{i}"] for i in range(torch.cuda.device_count())
                        if f"rng/cuda/{i}" in state.tensors]
         if cuda_states:
@@ -509,7 +511,23 @@ class Trainer:
 
     # --------------------------------------------------------------------------------------------------- run
     def train(self) -> TrainResult:
-        """Run (or continue) every epoch; saves and samples at the configured points and at the end."""
+        """Run (or continue) every epoch; saves and samples at the configured points and at the end.
+
+        A write that fails for want of space (or on a read-only disk) anywhere — adapter, state, sample, log — stops
+        the run with one line naming the file and the last good save; atomic writes keep that save intact.
+        """
+        try:
+            self._train()
+        except OSError as error:
+            failure = self._write_failure(error)
+            if failure is None:
+                raise
+            raise failure from None
+        for callback in self.callbacks:
+            callback.on_end(self.result)
+        return self.result
+
+    def _train(self) -> None:
         from tqdm.auto import tqdm
 
         self.setup()
@@ -530,12 +548,32 @@ class Trainer:
             self.finish(started)
         finally:
             bar.close()
-            if self.log is not None:
-                self.log.close()
+            self._close_log()
             WORKSPACE.clear()  # the adapters' reusable full-size buffers; a notebook kernel lives on after training
-        for callback in self.callbacks:
-            callback.on_end(self.result)
-        return self.result
+
+    def _write_failure(self, error: OSError) -> TrainingError | None:
+        """A failed write (disk full, …) as one line naming the file and the last good save, which is intact."""
+        if not isinstance(error, WriteError) and error.errno not in DISK_ERRNOS:
+            return None
+        failure = as_write_error(error, error.filename or self.config.output_dir)
+        step = self.position[0]
+        if self.result.saved_files:
+            last = f"the last good save is {self.result.saved_files[-1]}"
+            if self.result.state_dirs:
+                last += f' and resume = "{self.result.state_dirs[-1]}" (or "latest") continues from its state'
+        elif self.result.resumed_from is not None:
+            last = f"nothing was saved in this run; {self.result.resumed_from} is intact"
+        else:
+            last = "nothing had been saved yet"
+        return TrainingError(f"{failure} — training stopped at step {step}; {last}")
+
+    def _close_log(self) -> None:
+        if self.log is None:
+            return
+        try:
+            self.log.close()
+        except OSError as error:  # a full disk fails the final flush too; the training error says why
+            logger.warning("could not finish the loss log: %s", error)
 
     def finish(self, started: float) -> None:
         step, epoch, _ = self.position

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from lycolab.files import atomic_write
 from lycolab.models.text import encode_prompts
 
 if sys.version_info >= (3, 11):
@@ -182,5 +183,5 @@ def _render(pipeline, parts, sample: SamplePrompt, index: int, path: Path, clip_
     vae = parts.vae
     decoded = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
     image = pipeline.image_processor.postprocess(decoded.float(), output_type="pil")[0]
-    image.save(path)
+    atomic_write(path, lambda temporary: image.save(temporary, format="PNG"))
     return path
