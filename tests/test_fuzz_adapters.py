@@ -61,7 +61,8 @@ def adapter_files(model, tmp_path_factory) -> dict[str, Path]:
                                  network_module=module)
         with torch.no_grad():  # LoRA's up (and LoKr's w2) start at zero; non-zero factors make ΔW checks meaningful
             for parameter in network.parameters():
-                parameter.copy_(torch.randn_like(parameter, generator=torch.Generator().manual_seed(1)) * 0.1)
+                noise = torch.randn(parameter.shape, generator=torch.Generator().manual_seed(1), dtype=parameter.dtype)
+                parameter.copy_(noise * 0.1)
         full = network.save_weights(folder / f"{algo}_full.safetensors")
         network.restore()
         files[algo] = _resave(full, folder / f"{algo}.safetensors", lambda tensors, metadata: (

@@ -42,7 +42,7 @@ def test_clip_skip_two_uses_penultimate_layer_with_final_norm(tiny_sd):
         last = encode_prompts(encoder, tokenizer, ["red circle"], clip_skip=1)
         skipped = encode_prompts(encoder, tokenizer, ["red circle"], clip_skip=2)
         hidden = encoder(tokenize(tokenizer, ["red circle"]), output_hidden_states=True).hidden_states[-2]
-        expected = encoder.final_layer_norm(hidden)
+        expected = getattr(encoder, "text_model", encoder).final_layer_norm(hidden)
     assert last.shape == skipped.shape == (1, 77, 32)
     torch.testing.assert_close(skipped, expected)
     assert not torch.allclose(last, skipped)
