@@ -20,7 +20,7 @@ import re
 import shutil
 import stat
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 # What went wrong and what the user can do, by errno; anything else shows the system's own words.
@@ -139,21 +139,29 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """
     path = Path(path)
     temporary = temporary_path(path)
+    with _writing(path, temporary):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(temporary)
+        _commit_file(temporary, path)
+    return path
+
+
+@contextlib.contextmanager
+def _writing(path: Path, scratch: Path) -> Iterator[None]:
+    """Around one write of ``path`` built in ``scratch`` (a file or folder): clears what a killed run left there,
+    removes it again on failure, and turns operating-system failures into a one-line :class:`WriteError`."""
     existed = False
     try:
         existed = path.exists()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _remove(temporary)  # what a killed run left
-        write(temporary)
-        _commit_file(temporary, path)
+        _remove(scratch)
+        yield
     except BaseException as error:
         with contextlib.suppress(OSError):
-            _remove(temporary)
+            _remove(scratch)
         failure = as_write_error(error, path, existed)
         if failure is None:
             raise
         raise failure from None
-    return path
 
 
 def save_safetensors(path: str | Path, tensors: dict, metadata: dict[str, str] | None = None) -> Path:
@@ -167,23 +175,13 @@ def save_safetensors(path: str | Path, tensors: dict, metadata: dict[str, str] |
 
     path = Path(path)
     folder = writing_folder(path)
-    existed = False
-    try:
-        existed = path.exists()
+    with _writing(path, folder):
         path.parent.mkdir(parents=True, exist_ok=True)
-        _remove(folder)
         folder.mkdir()
-        written = folder / "data"
-        save_file(tensors, str(written), metadata)
-        _commit_file(written, path)
-    except BaseException as error:
-        failure = as_write_error(error, path, existed)
-        if failure is None:
-            raise
-        raise failure from None
-    finally:
-        with contextlib.suppress(OSError):
-            _remove(folder)
+        save_file(tensors, str(folder / "data"), metadata)
+        _commit_file(folder / "data", path)
+    with contextlib.suppress(OSError):
+        _remove(folder)
     return path
 
 
@@ -197,21 +195,11 @@ def atomic_directory(path: str | Path, write: Callable[[Path], None]) -> Path:
     """
     path = Path(path)
     temporary = path.with_name(f".{path.name}.partial")
-    existed = False
-    try:
-        existed = path.exists()
-        _remove(temporary)
+    with _writing(path, temporary):
         temporary.mkdir(parents=True)
         write(temporary)
         _finish_tree(temporary)
         _swap_in(temporary, path)
-    except BaseException as error:
-        with contextlib.suppress(OSError):
-            _remove(temporary)
-        failure = as_write_error(error, path, existed)
-        if failure is None:
-            raise
-        raise failure from None
     return path
 
 
