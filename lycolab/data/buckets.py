@@ -93,6 +93,13 @@ def bucket_size_limits(dataset: DatasetConfig) -> tuple[int, int]:
     return adjusted_low, adjusted_high
 
 
+def bucket_range_including(resolution: tuple[int, int], low: int, high: int, steps: int) -> tuple[int, int]:
+    """(min_bucket_reso, max_bucket_reso) widened to hold ``resolution`` and rounded to whole steps, as sd-scripts
+    requires: for forms and folders whose 256-1024 default range must not refuse the resolution the user chose."""
+    low, high = min(low, *resolution), max(high, *resolution)
+    return low - low % steps, high + (-high) % steps
+
+
 def _where(dataset: DatasetConfig) -> str:
     """Which dataset a message is about (a config may hold several); BucketManager does not know the file."""
     return f"dataset with image_dir {dataset.subsets[0].image_dir}: " if dataset.subsets else ""

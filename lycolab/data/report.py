@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lycolab.config import DatasetConfig, SubsetConfig
+from lycolab.data.buckets import bucket_range_including
 from lycolab.data.dataset import BucketedDataset
 from lycolab.data.images import UnreadableImage, open_rgb
 from lycolab.data.scan import IMAGE_EXTENSIONS, caption_suffix, discover_subsets
@@ -132,10 +133,10 @@ def folder_datasets(image_dir: str | Path, resolution: str = "512", caption_exte
                for subset in discover_subsets(image_dir, default_repeats=1)]
     if not subsets:
         subsets = [SubsetConfig(image_dir=str(image_dir), caption_extension=caption_extension)]
-    low = min(DatasetConfig.min_bucket_reso, min(width, height))
-    high = max(DatasetConfig.max_bucket_reso, max(width, height))
-    return [DatasetConfig(subsets=subsets, resolution=(width, height), enable_bucket=True,
-                          min_bucket_reso=low - low % steps, max_bucket_reso=high + (-high) % steps)]
+    low, high = bucket_range_including((width, height), DatasetConfig.min_bucket_reso, DatasetConfig.max_bucket_reso,
+                                       steps)
+    return [DatasetConfig(subsets=subsets, resolution=(width, height), enable_bucket=True, min_bucket_reso=low,
+                          max_bucket_reso=high)]
 
 
 def check_dataset(datasets: list[DatasetConfig], batch_size: int = 1, find_duplicates: bool = True

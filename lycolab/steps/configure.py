@@ -99,6 +99,7 @@ def configure(workspace: Workspace, *, model_version: str = "auto", pretrained_m
               output_name: str = "", training_comment: str = "") -> TrainingPlan:
     """Write both TOML files (and the sample prompts) from the form, validate them and return the plan."""
     from lycolab.config import load_config, write_config_file, write_dataset_config
+    from lycolab.data.buckets import bucket_range_including
     from lycolab.data.report import folder_datasets
 
     model = pretrained_model_name_or_path.strip() or workspace.recall("model", "")
@@ -108,9 +109,8 @@ def configure(workspace: Workspace, *, model_version: str = "auto", pretrained_m
     datasets = folder_datasets(workspace.train_data, str(resolution), extension)
     for dataset in datasets:
         dataset.enable_bucket, dataset.bucket_no_upscale = enable_bucket, bucket_no_upscale
-        # sd-scripts requires min_bucket_reso <= resolution <= max_bucket_reso: widen the form's range to include it
-        dataset.min_bucket_reso = min(min_bucket_reso, *dataset.resolution)
-        dataset.max_bucket_reso = max(max_bucket_reso, *dataset.resolution)
+        dataset.min_bucket_reso, dataset.max_bucket_reso = bucket_range_including(
+            dataset.resolution, min_bucket_reso, max_bucket_reso, dataset.bucket_reso_steps)
         dataset.subsets = [dataclasses.replace(
             subset, num_repeats=subset.num_repeats if _has_repeat_prefix(subset.image_dir) else dataset_repeats,
             shuffle_caption=shuffle_caption, keep_tokens=keep_tokens, flip_aug=flip_aug) for subset in dataset.subsets]
