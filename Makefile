@@ -37,10 +37,10 @@ $(VENV)/.installed-test: $(VENV)/.installed-runtime
 demo: $(VENV)/.installed-runtime
 	HF_HUB_OFFLINE=1 $(BIN)/lycolab demo --out $(DEMO_OUT)
 
-# ruff, and every dependency has a floor that requirements-colab.txt repeats (scripts/min_constraints.py).
+# ruff, and requirements-colab.txt is what scripts/min_constraints.py --colab makes of pyproject.toml.
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check lycolab tests bench scripts
-	$(BIN)/python scripts/min_constraints.py --same-floors requirements-colab.txt > /dev/null
+	$(BIN)/python scripts/min_constraints.py --colab --check requirements-colab.txt
 
 test: $(VENV)/.installed-test lint
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q

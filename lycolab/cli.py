@@ -63,25 +63,6 @@ def _literal(text: str) -> Any:
     return text if isinstance(value, (datetime.date, datetime.time)) else value
 
 
-def _quiet_libraries() -> None:
-    """Hide the libraries' own progress bars and deprecation chatter; our log says what matters."""
-    import warnings
-
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    try:
-        import diffusers.utils.logging as diffusers_logging
-        import transformers.utils.logging as transformers_logging
-
-        diffusers_logging.set_verbosity_error()
-        diffusers_logging.disable_progress_bar()
-        transformers_logging.set_verbosity_error()
-        transformers_logging.disable_progress_bar()
-    except ImportError:  # pragma: no cover - both are hard dependencies
-        pass
-    for client in ("httpx", "httpx2"):  # huggingface_hub's HTTP clients log every request at INFO
-        logging.getLogger(client).setLevel(logging.WARNING)
-
-
 def version() -> str:
     """The installed distribution's version; the source tree's ``lycolab.__version__`` when it is not installed."""
     from importlib.metadata import PackageNotFoundError
@@ -188,7 +169,10 @@ def _add_commands(commands) -> None:
 
 def _caption_options(parser: argparse.ArgumentParser, extension: str) -> None:
     parser.add_argument("--caption-extension", "--caption_extension", dest="caption_extension", default=extension)
-    parser.add_argument("--overwrite", action="store_true", help="replace existing captions (default: keep them)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the captions lycolab wrote, keeping ones edited since (default: keep all)")
+    parser.add_argument("--overwrite-all", "--overwrite_all", dest="overwrite_all", action="store_true",
+                        help="replace every existing caption, edited ones too")
 
 
 def _model_and_networks(parser: argparse.ArgumentParser) -> None:
@@ -304,15 +288,27 @@ def _run_tag(args) -> int:
     from lycolab.annotate.tags import split_tags
     from lycolab.annotate.wd14 import DEFAULT_REPO, tag_folder
 
-    if args.append and args.overwrite:
-        raise UsageError("--append and --overwrite exclude each other")
-    mode = "append" if args.append else "overwrite" if args.overwrite else "skip"
+    mode = _write_mode(args, appending=args.append)
     result = tag_folder(args.image_dir, args.model_dir or DEFAULT_REPO, args.threshold, args.character_threshold,
                         args.batch_size, args.caption_extension, args.include_rating, not args.keep_underscores,
                         split_tags(args.undesired_tags), args.trigger_word, mode)
-    print(f"tagged {len(result.written)} image(s); kept {len(result.kept_existing)} existing caption(s); "
-          f"skipped {len(result.bad_files)} unreadable file(s)")
+    print(f"tagged {len(result.written)} image(s); {_kept(result)}")
     return 0
+
+
+def _write_mode(args, appending: bool = False) -> str:
+    chosen = [name for name, given in (("append", appending), ("overwrite", args.overwrite),
+                                       ("overwrite_all", args.overwrite_all)) if given]
+    if len(chosen) > 1:
+        raise UsageError(" and ".join(f"--{name.replace('_', '-')}" for name in chosen) + " exclude each other")
+    return chosen[0] if chosen else "skip"
+
+
+def _kept(result) -> str:
+    edited = f" ({len(result.kept_edited)} edited since lycolab wrote them; --overwrite-all replaces those)" \
+        if result.kept_edited else ""
+    return (f"kept {len(result.kept_existing)} existing caption(s){edited}; skipped {len(result.bad_files)} "
+            "unreadable file(s)")
 
 
 def _run_caption(args) -> int:
@@ -320,9 +316,8 @@ def _run_caption(args) -> int:
 
     result = caption_folder(args.image_dir, args.model, args.batch_size, args.num_beams, args.top_p,
                             args.min_length, args.max_length, args.prefix, args.suffix, args.caption_extension,
-                            args.overwrite)
-    print(f"captioned {len(result.written)} image(s); kept {len(result.kept_existing)} existing caption(s); "
-          f"skipped {len(result.bad_files)} unreadable file(s)")
+                            mode=_write_mode(args))
+    print(f"captioned {len(result.written)} image(s); {_kept(result)}")
     return 0
 
 
@@ -387,16 +382,18 @@ def _first_line(error: BaseException) -> str:
 
 
 def _configure_logging(verbosity: int) -> int:
-    """Log to stdout: INFO by default (WARNING in the second and later training processes), DEBUG for lycolab's own
-    loggers with -v, WARNING with -q. Returns lycolab's logger level before, for ``main`` to restore (tests and
-    notebooks call ``main`` in-process)."""
+    """Log to stderr (stdout is left to what a command prints as its result): INFO by default (WARNING in the second
+    and later training processes), DEBUG for lycolab's own loggers with -v, WARNING with -q. Returns lycolab's
+    logger level before, for ``main`` to restore (tests and notebooks call ``main`` in-process)."""
+    from lycolab.log_display import quiet_libraries
+
     first_process = os.environ.get("RANK", "0") == "0"
     level = logging.WARNING if verbosity < 0 or not first_process else logging.INFO
-    logging.basicConfig(level=level, format="%(message)s", stream=sys.stdout)
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
     package_logger = logging.getLogger("lycolab")
     before = package_logger.level
     package_logger.setLevel(logging.DEBUG if verbosity > 0 else level)
-    _quiet_libraries()
+    quiet_libraries()
     return before
 
 

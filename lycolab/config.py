@@ -150,6 +150,8 @@ class TrainConfig:
     save_every_n_steps: int | None = None
     save_last_n_epochs: int | None = None
     save_last_n_steps: int | None = None
+    save_last_n_epochs_state: int | None = None  # sd-scripts: states kept; unset = save_last_n_epochs
+    save_last_n_steps_state: int | None = None
     save_state: bool = False
     # a *-state folder, or "latest" for the newest one of this output_name in output_dir (none: start fresh)
     resume: str | None = None
@@ -201,7 +203,8 @@ CONFIG_SECTIONS: dict[str, tuple[str, ...]] = {
     ),
     "training_arguments": (
         "output_dir", "output_name", "save_precision", "save_every_n_epochs", "save_every_n_steps",
-        "save_last_n_epochs", "save_last_n_steps", "save_state", "resume", "train_batch_size", "max_token_length",
+        "save_last_n_epochs", "save_last_n_steps", "save_last_n_epochs_state",
+        "save_last_n_steps_state", "save_state", "resume", "train_batch_size", "max_token_length",
         "mem_eff_attn", "xformers", "sdpa", "max_train_epochs",
         "max_train_steps", "seed", "gradient_checkpointing", "gradient_accumulation_steps", "mixed_precision",
         "clip_skip", "logging_dir", "log_prefix", "noise_offset", "min_snr_gamma", "lowram",
@@ -682,7 +685,8 @@ def validate_config(config: TrainConfig, source: str) -> None:
                 "lr_scheduler_num_cycles"):
         _require(getattr(config, key) >= 1, source, f"{key} must be at least 1 (got {getattr(config, key)})")
     for key in ("max_train_epochs", "save_every_n_epochs", "save_every_n_steps", "save_last_n_epochs",
-                "save_last_n_steps", "sample_every_n_epochs", "sample_every_n_steps", "clip_skip"):
+                "save_last_n_steps", "save_last_n_epochs_state", "save_last_n_steps_state", "sample_every_n_epochs",
+                "sample_every_n_steps", "clip_skip"):
         value = getattr(config, key)
         _require(value is None or value >= 1, source, f"{key} must be at least 1 (got {value})")
     _require(config.network_dropout is None or 0 <= config.network_dropout < 1, source,

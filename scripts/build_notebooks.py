@@ -3,8 +3,12 @@ them, in order, → ``notebooks/lycolab_all_in_one.ipynb``.
 
 Sources are percent-format text (``# %% [markdown]``, ``# %% [parameters]`` for a Colab form, ``# %%`` for code) so
 that changes review as plain diffs. Every notebook gets the "Open in Colab" badge for its own path in the repository
-named in pyproject.toml. ``--check`` exits 1 (listing the files) when a committed notebook differs from what the
-sources give — the test suite runs it, so a stale notebook cannot be committed.
+named in pyproject.toml. ``# %% [setup]`` becomes the three cells every notebook starts with, because each one may
+be opened alone in a fresh runtime: the install-and-project form, the install cell (``lycolab/bootstrap.py``'s
+source, which installs lycolab when it is missing or at another version) and ``open_workspace``. The all-in-one
+notebook has them once, at the top, so it asks for the project once. Training notebooks ask Colab for a T4 GPU.
+``--check`` exits 1 (listing the files) when a committed notebook differs from what the sources give — the test
+suite runs it, so a stale notebook cannot be committed.
 
     python scripts/build_notebooks.py          # write
     python scripts/build_notebooks.py --check  # verify
@@ -27,13 +31,49 @@ ROOT = Path(__file__).resolve().parent.parent
 SOURCES = ROOT / "notebooks" / "src"
 NOTEBOOKS = ROOT / "notebooks"
 ALL_IN_ONE = "lycolab_all_in_one.ipynb"
-CELL_MARKER = re.compile(r"^# %%(?: \[(markdown|parameters)\])?\s*$")
+CELL_MARKER = re.compile(r"^# %%(?: \[(markdown|parameters|setup)\])?\s*$")
 KERNEL = {"display_name": "Python 3", "language": "python", "name": "python3"}
+BOOTSTRAP = ROOT / "lycolab" / "bootstrap.py"
+GPU_NOTEBOOKS = ("06_train.ipynb", "08_compare_epochs.ipynb", ALL_IN_ONE)  # 01–05 prepare on a CPU runtime
+SETUP_FORM = """#@title Install lycolab and open the project {{ display-mode: "form" }}
+#@markdown `lycolab_source`: the lycolab release to run (this notebook's own by default), a branch such as `main`,
+#@markdown or a `.whl` file or source folder on Drive. Each notebook installs it when missing, so any step can be
+#@markdown opened alone or after a disconnect; when it is already there this takes a moment.
+lycolab_source = "{version}"  #@param {{type:"string"}}
+#@markdown The project is the folder that holds everything (in Colab `MyDrive/lycolab/<project>`). Empty = the last
+#@markdown project used. Leave `workspace_root` empty for that default place.
+project = ""  #@param {{type:"string"}}
+workspace_root = ""  #@param {{type:"string"}}"""
+OPEN_WORKSPACE = "from lycolab.colab import open_workspace\nws = open_workspace(project, workspace_root)"
+
+
+def _project() -> dict:
+    with (ROOT / "pyproject.toml").open("rb") as handle:
+        return tomllib.load(handle)["project"]
 
 
 def repository_url() -> str:
-    with (ROOT / "pyproject.toml").open("rb") as handle:
-        return tomllib.load(handle)["project"]["urls"]["Repository"].rstrip("/")
+    return _project()["urls"]["Repository"].rstrip("/")
+
+
+def bootstrap_cell() -> str:
+    """The install cell: bootstrap.py's code (its docstring left out) with this build's version and repository,
+    run in a namespace of its own so it leaves one name, ``_bootstrap``, in the notebook."""
+    project = _project()
+    source = BOOTSTRAP.read_text(encoding="utf-8")
+    source = re.sub(r'^""".*?"""\n+', "", source, count=1, flags=re.DOTALL)
+    source = re.sub(r'^BUILT_VERSION = "[^"]*"', f'BUILT_VERSION = "{project["version"]}"', source, flags=re.M)
+    source = re.sub(r'^REPOSITORY = "[^"]*"', f'REPOSITORY = "{repository_url()}"', source, flags=re.M)
+    if "'''" in source:
+        raise SystemExit("lycolab/bootstrap.py must not contain triple single quotes (the cell quotes it with them)")
+    return ("#@title Install lycolab when it is missing (the code is lycolab/bootstrap.py) { display-mode: \"form\" }\n"
+            f"_bootstrap = {{}}\nexec(compile(r'''{source}''', \"lycolab/bootstrap.py\", \"exec\"), _bootstrap)\n"
+            "_bootstrap[\"ensure\"](lycolab_source)")
+
+
+def setup_cells() -> list[dict]:
+    form = _cell("parameters", SETUP_FORM.format(version=_project()["version"]).split("\n"))
+    return [form, _cell(None, bootstrap_cell().split("\n")), _cell(None, OPEN_WORKSPACE.split("\n"))]
 
 
 def badge(notebook_name: str) -> str:
@@ -58,28 +98,39 @@ def _cell(kind: str | None, lines: list[str]) -> dict:
 
 
 def parse_source(text: str) -> list[dict]:
+    """The cells of a source; a ``# %% [setup]`` cell is returned as a placeholder that :func:`expand_setup` fills."""
     cells: list[dict] = []
     kind, lines, started = None, [], False
     for line in text.split("\n"):
         match = CELL_MARKER.match(line)
         if match:
             if started:
-                cells.append(_cell(kind, lines))
+                cells.append({"setup": True} if kind == "setup" else _cell(kind, lines))
             kind, lines, started = match.group(1), [], True
         elif started:
             lines.append(line)
     if started:
-        cells.append(_cell(kind, lines))
+        cells.append({"setup": True} if kind == "setup" else _cell(kind, lines))
     return cells
+
+
+def expand_setup(cells: list[dict], keep: bool = True) -> list[dict]:
+    """Replace the setup placeholder by the setup cells (or drop it: steps after the first in the all-in-one)."""
+    expanded: list[dict] = []
+    for cell in cells:
+        expanded += (setup_cells() if keep else []) if cell.get("setup") else [cell]
+    return expanded
 
 
 def notebook(cells: list[dict], name: str) -> dict:
     first = cells[0]
     title, _, rest = "".join(first["source"]).partition("\n")
     first["source"] = _lines(f"{title}\n\n{badge(name)}\n" + (f"\n{rest.strip(chr(10))}" if rest.strip() else ""))
-    return {"cells": cells, "metadata": {"colab": {"provenance": []}, "kernelspec": KERNEL,
-                                         "language_info": {"name": "python"}},
-            "nbformat": 4, "nbformat_minor": 5}
+    metadata = {"colab": {"provenance": []}, "kernelspec": KERNEL, "language_info": {"name": "python"}}
+    if name in GPU_NOTEBOOKS:  # what Colab's "Change runtime type → T4 GPU" writes
+        metadata = {"accelerator": "GPU", "colab": {"gpuType": "T4", "provenance": []}, "kernelspec": KERNEL,
+                    "language_info": {"name": "python"}}
+    return {"cells": cells, "metadata": metadata, "nbformat": 4, "nbformat_minor": 5}
 
 
 def _with_ids(document: dict, prefix: str) -> dict:
@@ -92,14 +143,18 @@ def build() -> dict[Path, str]:
     """Every notebook's path and its JSON text."""
     built: dict[Path, str] = {}
     every_cell: list[dict] = []
-    for source in sorted(SOURCES.glob("[0-9][0-9]_*.py")):
+    for index, source in enumerate(sorted(SOURCES.glob("[0-9][0-9]_*.py"))):
         cells = parse_source(source.read_text(encoding="utf-8"))
         name = f"{source.stem}.ipynb"
-        built[NOTEBOOKS / name] = _dump(_with_ids(notebook(cells, name), source.stem[:2]))
-        every_cell += json.loads(built[NOTEBOOKS / name])["cells"]
+        built[NOTEBOOKS / name] = _dump(_with_ids(notebook(expand_setup(cells), name), source.stem[:2]))
+        # the all-in-one asks for the project once: only the first step keeps the setup cells
+        step = _with_ids(notebook(expand_setup(parse_source(source.read_text(encoding="utf-8")), keep=index == 0),
+                                  name), source.stem[:2])
+        every_cell += json.loads(_dump(step))["cells"]
     intro = {"cell_type": "markdown", "metadata": {}, "source": _lines(
         "# lycolab · all steps in one notebook\n\nSteps 01–08 one after another (generated from the step notebooks by "
-        "`scripts/build_notebooks.py`). Run it top to bottom, or open the step notebooks to re-run one step.")}
+        "`scripts/build_notebooks.py`), asking for the project once at the top. Run it top to bottom on a GPU "
+        "runtime, or open the step notebooks to re-run one step.")}
     intro["id"] = "all-00"
     combined = notebook([intro, *every_cell], ALL_IN_ONE)  # cells keep their step's ids ("05-03"): unique, traceable
     built[NOTEBOOKS / ALL_IN_ONE] = _dump(combined)

@@ -4,9 +4,17 @@
 floor that is too low fails the tests instead of failing a user. The file is generated, never kept by hand, so it
 cannot drift from pyproject.toml. A dependency without a ``>=`` floor (or an ``==`` pin) is an error: every
 requirement must say which oldest release it was checked against. ``--same-floors requirements-colab.txt`` fails
-when a requirements file names one of these packages with another floor (Colab installs from that file).
+when a requirements file names one of these packages with another floor.
 
-    python scripts/min_constraints.py --exclude torch --same-floors requirements-colab.txt > constraints.txt
+``--colab`` writes requirements-colab.txt instead: the constraints the notebooks' install cell passes to pip.
+Every runtime dependency and the notebook extras (``notebook``, ``tensorboard``, ``gpu``) at pyproject's floor,
+capped below the next major release where pyproject's ``[tool.lycolab.colab-ceilings]`` names one (majors of those
+packages have broken callers before, and a Colab install must not pick up a break overnight); never torch, which
+Colab ships matched to its CUDA. ``--check FILE`` fails when FILE is not what would be written.
+
+    python scripts/min_constraints.py --exclude torch > constraints.txt
+    python scripts/min_constraints.py --colab > requirements-colab.txt
+    python scripts/min_constraints.py --colab --check requirements-colab.txt
 """
 
 from __future__ import annotations
@@ -101,6 +109,39 @@ def check_same_floors(floors: list[Floor], requirements_file: Path) -> None:
                              f"pyproject.toml says {expected}; make them the same")
 
 
+COLAB_EXTRAS = ("notebook", "tensorboard", "gpu")
+COLAB_LEFT_OUT = ("torch", "torchvision", "torchaudio")
+
+
+def colab_requirements(pyproject: dict) -> str:
+    """requirements-colab.txt's text (see the module docstring)."""
+    project = pyproject["project"]
+    ceilings = {normalized(name): version for name, version in
+                pyproject.get("tool", {}).get("lycolab", {}).get("colab-ceilings", {}).items()}
+    requirements = list(project["dependencies"])
+    for extra in COLAB_EXTRAS:
+        requirements += project["optional-dependencies"][extra]
+    lines = ["# Generated from pyproject.toml by `python scripts/min_constraints.py --colab` (the lint checks it): the",
+             "# constraints every notebook's install cell gives pip. Floors are pyproject's (tested by make test-min),",
+             "# ceilings the next major release of packages whose majors broke callers before. torch, torchvision",
+             "# and torchaudio are never named: Colab ships them matched to its CUDA, and the install pins them."]
+    seen = set()
+    for requirement in requirements:
+        floor = floor_of(requirement)
+        key = normalized(floor.name)
+        if key in seen or key in COLAB_LEFT_OUT:
+            continue
+        seen.add(key)
+        ceiling = f",<{ceilings[key]}" if key in ceilings else ""
+        lines.append(f"{floor.name}>={floor.version}{ceiling}" + (f"; {floor.marker.lstrip('; ')}" if floor.marker
+                                                                  else ""))
+    unknown = set(ceilings) - seen
+    if unknown:
+        raise FloorError(f"pyproject.toml: colab-ceilings names {', '.join(sorted(unknown))}, which is not a "
+                         "dependency")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pyproject", type=Path, default=Path(__file__).resolve().parent.parent / "pyproject.toml")
@@ -108,15 +149,27 @@ def main(argv: list[str] | None = None) -> int:
                         help="a package to leave unpinned (installed separately, e.g. torch); may repeat")
     parser.add_argument("--same-floors", action="append", default=[], type=Path, metavar="REQUIREMENTS_TXT",
                         help="fail unless this requirements file gives the same floors; may repeat")
+    parser.add_argument("--colab", action="store_true", help="write requirements-colab.txt's text instead")
+    parser.add_argument("--check", type=Path, metavar="FILE", help="with --colab: fail unless FILE holds that text")
     args = parser.parse_args(argv)
     try:
         pyproject = tomllib.loads(args.pyproject.read_text(encoding="utf-8"))
         floors = project_floors(pyproject)
         for requirements_file in args.same_floors:
             check_same_floors(floors, requirements_file)
+        colab = colab_requirements(pyproject) if args.colab else None
     except FloorError as error:
         print(error, file=sys.stderr)
         return 1
+    if colab is not None:
+        if args.check is None:
+            print(colab, end="")
+            return 0
+        if not args.check.is_file() or args.check.read_text(encoding="utf-8") != colab:
+            print(f"{args.check}: out of date; run python scripts/min_constraints.py --colab > {args.check.name}",
+                  file=sys.stderr)
+            return 1
+        return 0
     excluded = {normalized(name) for name in args.exclude}
     print(f"# Generated from {args.pyproject.name} by scripts/min_constraints.py: every dependency at its floor.")
     print("\n".join(floor.constraint() for floor in floors if normalized(floor.name) not in excluded))

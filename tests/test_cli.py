@@ -65,7 +65,7 @@ def test_train_command_reads_the_toml_files_and_applies_overrides(demo_dir, tmp_
                      "--max_train_epochs", "1", "--output_dir", str(tmp_path), "--output_name", "again",
                      "--network_args", "algo=lora", "--network_module", "lycoris.kohya", "--sample_prompts=")
     assert completed.returncode == 0, completed.stderr[-3000:]
-    assert "number of images (including repeats): 60" in completed.stdout
+    assert "number of images (including repeats): 60" in completed.stderr  # the log goes to stderr
     with safe_open(str(tmp_path / "again.safetensors"), "pt") as handle:
         assert any(key.endswith(".lora_down.weight") for key in handle.keys())
         assert handle.metadata()["ss_num_epochs"] == "1"

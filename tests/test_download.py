@@ -47,9 +47,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if path.startswith("/auth/") and self.headers.get("Authorization") != f"Bearer {TOKEN}":
             return self.send_error(401)
         if path.startswith("/api/v1/models/123"):
-            body = json.dumps({"modelVersions": [{"downloadUrl": f"{self.base}/files/x", "files": [
+            sha256 = hashlib.sha256(PAYLOAD).hexdigest().upper()
+            body = json.dumps({"modelVersions": [{"id": 9, "downloadUrl": f"{self.base}/files/x", "files": [
                 {"name": "civitai_model.safetensors", "primary": True, "downloadUrl": f"{self.base}/auth/civ",
-                 "hashes": {"SHA256": hashlib.sha256(PAYLOAD).hexdigest().upper()}}]}]}).encode()
+                 "hashes": {"SHA256": sha256}}]}, {"id": 7, "files": [
+                     {"name": "older_version.safetensors", "primary": True, "downloadUrl": f"{self.base}/auth/old",
+                      "hashes": {"SHA256": sha256}}]}]}).encode()
             return self._send(200, body, {"Content-Type": "application/json"})
         start = 0
         if self.headers.get("Range"):
@@ -132,6 +135,17 @@ def test_civitai_model_is_resolved_checked_and_the_token_never_shows(server, tmp
     assert TOKEN not in caplog.text and TOKEN not in str(error.value)  # ...and shown nowhere
     with pytest.raises(DownloadError, match="needs a login — set CIVITAI_TOKEN"):
         download_civitai(123, tmp_path / "no_token", token="wrong", api=f"{server}/api/v1", progress=False)
+
+
+def test_a_civitai_page_url_with_model_version_id_gets_that_version(server, tmp_path, monkeypatch):
+    monkeypatch.setenv("CIVITAI_TOKEN", TOKEN)
+    monkeypatch.setenv("CIVITAI_API", f"{server}/api/v1")
+    page = "https://civitai.com/models/123/some-model?modelVersionId=7"
+    assert download(page, tmp_path / "page", progress=False).name == "older_version.safetensors"
+    assert download("civitai:123@7", tmp_path / "short", progress=False).name == "older_version.safetensors"
+    assert download("civitai:123", tmp_path / "newest", progress=False).name == "civitai_model.safetensors"
+    with pytest.raises(DownloadError, match="has no version 5 \\(it has 9, 7\\)"):
+        download("https://civitai.com/models/123?modelVersionId=5", tmp_path / "none", progress=False)
 
 
 def test_presets_cover_the_guides_models_and_offline_hub_gives_advice(tmp_path, monkeypatch):
@@ -426,3 +440,29 @@ def test_single_checkpoint_rule():
     assert single_checkpoint(["x.ckpt", "x.yaml"], "o/r") == "x.ckpt"  # read with weights_only=True by the loader
     with pytest.raises(DownloadError, match="neither a diffusers model"):
         single_checkpoint(["README.md", "sub/y.safetensors"], "o/r")
+
+
+@pytest.mark.parametrize(("link", "direct"), [
+    ("https://drive.google.com/file/d/1AbC-d_9/view?usp=sharing",
+     "https://drive.usercontent.google.com/download?id=1AbC-d_9&export=download&confirm=t"),
+    ("https://drive.google.com/open?id=1AbC-d_9",
+     "https://drive.usercontent.google.com/download?id=1AbC-d_9&export=download&confirm=t"),
+    ("https://huggingface.co/owner/repo/blob/main/model.safetensors",
+     "https://huggingface.co/owner/repo/resolve/main/model.safetensors"),
+    ("https://huggingface.co/datasets/owner/set/blob/main/images.zip",
+     "https://huggingface.co/datasets/owner/set/resolve/main/images.zip"),
+    ("https://example.org/blob/x.zip", "https://example.org/blob/x.zip"),
+])
+def test_links_copied_from_a_browser_become_download_urls(link, direct):
+    from lycolab.models.download import direct_url
+
+    assert direct_url(link) == direct
+
+
+def test_a_file_already_downloaded_is_used_without_a_request(server, tmp_path):
+    first = download_url(f"{server}/files/model.safetensors", tmp_path, progress=False)
+    before = len(Handler.seen)
+    again = download_url(f"{server}/files/model.safetensors", tmp_path, progress=False)
+    assert again == first and len(Handler.seen) == before
+    with pytest.raises(DownloadError, match="sha256 does not match"):  # a stale copy is not trusted
+        download_url(f"{server}/files/model.safetensors", tmp_path, sha256="0" * 64, progress=False)

@@ -1,10 +1,17 @@
-"""The notebooks: built from their sources, carrying no logic or secrets, and run end to end on the tiny model."""
+"""The notebooks: built from their sources, carrying no logic or secrets, and run end to end on the tiny model.
+
+Each step notebook runs as a Colab user meets it: alone, in a fresh runtime where lycolab is not installed (a venv
+of its own that sees the test environment's packages but not lycolab), with ``google.colab`` faked
+(tests/fake_colab) so Drive, Secrets and uploads take their Colab paths. The first cell installs lycolab from a
+source folder on the fake Drive, as the form's "folder" source would.
+"""
 
 from __future__ import annotations
 
 import ast
 import json
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -25,6 +32,10 @@ STEPS = ["01_install", "02_download_model", "03_get_data", "04_annotate", "05_co
 ALL_NOTEBOOKS = [NOTEBOOKS / f"{name}.ipynb" for name in STEPS] + [NOTEBOOKS / "lycolab_all_in_one.ipynb"]
 PARAM_LINE = re.compile(r"^(\s*)(\w+)\s*=\s*(.+?)(\s*#@param.*)$")
 TOKEN_PATTERNS = (re.compile(r"hf_[A-Za-z0-9]{20,}"), re.compile(r"\b[0-9a-f]{32}\b"), re.compile(r"(?i)token\s*="))
+FAKE_COLAB = Path(__file__).resolve().parent / "fake_colab"
+FAKE_HF_TOKEN = "hf_fakeTokenThatMustNeverBeShown0123"
+sys.path.insert(0, str(ROOT / "scripts"))
+from build_notebooks import bootstrap_cell  # noqa: E402
 
 
 def test_the_notebooks_are_built_from_their_sources():
@@ -42,7 +53,9 @@ def _is_literal(node: ast.expr) -> bool:
 
 
 def _cell_kind(cell, imported: set[str]) -> str:
-    """form / call / display / install, or a message saying what is not allowed."""
+    """form / bootstrap / call / display / magics, or a message saying what is not allowed."""
+    if "".join(cell.source) == bootstrap_cell():
+        return "bootstrap"  # lycolab/bootstrap.py's own code, copied by the build (checked stale above)
     code = TransformerManager().transform_cell("".join(cell.source))
     tree = ast.parse(code)
     if "parameters" in cell.metadata.get("tags", []):
@@ -54,7 +67,7 @@ def _cell_kind(cell, imported: set[str]) -> str:
         return "no definitions, loops or comprehensions in a notebook"
     if len(tree.body) == 1 and isinstance(tree.body[0], ast.If):
         magics = all(isinstance(node, ast.Expr) and "get_ipython" in ast.unparse(node) for node in tree.body[0].body)
-        return "install" if magics else "an if-cell may only hold %pip lines"
+        return "magics" if magics else "an if-cell may only hold %magic lines"
     calls = 0
     for node in tree.body:
         if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("lycolab"):
@@ -87,12 +100,30 @@ def test_notebook_cells_are_forms_calls_or_displays_with_no_outputs_or_tokens(pa
             continue
         assert cell.outputs == [] and cell.execution_count is None, f"saved output in {path.name}"
         kind = _cell_kind(cell, imported)
-        assert kind in ("form", "call", "display", "install"), f"{path.name}: {kind}\n{text}"
+        assert kind in ("form", "bootstrap", "call", "display", "magics"), f"{path.name}: {kind}\n{text}"
         kinds.append(kind)
-    assert "install" not in kinds or path.stem in ("01_install", "lycolab_all_in_one")
-    if path.stem != "01_install" and path.stem != "lycolab_all_in_one":
-        assert kinds[:2] == ["form", "call"], "the first code cells reopen the workspace"
-        assert "open_workspace" in "".join(notebook.cells[2].source)
+    assert kinds[:3] == ["form", "bootstrap", "call"], "the first code cells install lycolab and open the workspace"
+    code = ["".join(cell.source) for cell in notebook.cells if cell.cell_type == "code"]
+    assert "lycolab_source" in code[0] and "open_workspace" in code[2]
+    assert kinds.count("bootstrap") == 1, "one install cell, and the all-in-one asks for the project once"
+
+
+def test_training_notebooks_ask_colab_for_a_gpu_and_preparing_ones_do_not():
+    for path in ALL_NOTEBOOKS:
+        metadata = nbformat.read(path, as_version=4).metadata
+        wants_gpu = path.stem in ("06_train", "08_compare_epochs", "lycolab_all_in_one")
+        assert (metadata.get("accelerator") == "GPU") == wants_gpu, path.name
+        assert (metadata.colab.get("gpuType") == "T4") == wants_gpu, path.name
+
+
+def test_the_install_cell_is_bootstrap_py_at_the_version_the_notebooks_were_built_from():
+    with (ROOT / "pyproject.toml").open("rb") as handle:
+        version = tomllib.load(handle)["project"]["version"]
+    form = "".join(nbformat.read(NOTEBOOKS / "06_train.ipynb", as_version=4).cells[1].source)
+    assert f'lycolab_source = "{version}"' in form
+    assert f'BUILT_VERSION = "{version}"' in bootstrap_cell()
+    source = (ROOT / "lycolab" / "bootstrap.py").read_text(encoding="utf-8")
+    assert source.split('"""', 2)[2].strip().split("\n")[-1] in bootstrap_cell()  # its code, to the last line
 
 
 def inject(path: Path, values: dict[str, object], per_step: dict[str, dict[str, object]] | None = None
@@ -104,28 +135,98 @@ def inject(path: Path, values: dict[str, object], per_step: dict[str, dict[str, 
         if "parameters" not in cell.metadata.get("tags", []):
             continue
         cell_values = {**values, **(per_step or {}).get(cell.id[:2], {})}
-        lines = []
+        lines, replaced = [], set()
         for line in "".join(cell.source).split("\n"):
             match = PARAM_LINE.match(line)
             if match and match.group(2) in cell_values:
                 line = f"{match.group(1)}{match.group(2)} = {cell_values[match.group(2)]!r}{match.group(4)}"
+                replaced.add(match.group(2))
             lines.append(line)
+        assigned = {target.id for node in ast.parse("\n".join(lines)).body if isinstance(node, ast.Assign)
+                    for target in node.targets if isinstance(target, ast.Name)}
+        lines += [f"{name} = {cell_values[name]!r}" for name in sorted(assigned - replaced) if name in cell_values]
         cell.source = "\n".join(lines)
     return notebook
 
 
-def execute(path: Path, values: dict[str, object], cwd: Path, per_step: dict[str, dict[str, object]] | None = None
-            ) -> nbformat.NotebookNode:
+def execute(path: Path, values: dict[str, object], cwd: Path, per_step: dict[str, dict[str, object]] | None = None,
+            kernel_name: str = "python3") -> nbformat.NotebookNode:
     from nbclient import NotebookClient
 
     notebook = inject(path, values, per_step)
-    NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(cwd)}}).execute()
+    NotebookClient(notebook, timeout=600, kernel_name=kernel_name, resources={"metadata": {"path": str(cwd)}}
+                   ).execute()
     return notebook
 
 
 def _outputs(notebook, mime: str) -> list:
     return [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs
             if mime in output.get("data", {})]
+
+
+def _text(notebook) -> str:
+    """Everything the notebook showed: streams, errors and every text-like rendering of its results."""
+    parts = []
+    for cell in notebook.cells:
+        for output in cell.get("outputs", []):
+            parts.append(output.get("text", "") + "".join(output.get("traceback", [])))
+            parts += [str(value) for mime, value in output.get("data", {}).items() if mime.startswith("text/")]
+    return "\n".join(parts)
+
+
+class FreshRuntimes:
+    """Colab-like runtimes: each a new venv where lycolab is not installed, with its own Jupyter kernel.
+
+    A venv sees the test environment's packages (but not lycolab) through a folder of links, so installing lycolab
+    there resolves its dependencies without downloading them; ``google.colab`` is tests/fake_colab, Drive is mounted
+    under ``drive``, ``HF_TOKEN`` is a secret and ``files.upload()`` picks ``upload``.
+    """
+
+    def __init__(self, root: Path, upload: Path):
+        import sysconfig
+
+        self.root, self.count = root, 0
+        self.packages = root / "packages"
+        self.packages.mkdir()
+        for entry in Path(sysconfig.get_paths()["purelib"]).iterdir():
+            if not entry.name.lower().startswith(("lycolab", "__editable__", "_lycolab")) and entry.suffix != ".pth":
+                (self.packages / entry.name).symlink_to(entry)
+        self.drive = root / "content" / "drive"
+        self.source = self.drive / "MyDrive" / "lycolab-src"  # a lycolab source folder a user put on Drive
+        for name in ("lycolab", "pyproject.toml", "README.md", "requirements-colab.txt"):
+            copy = shutil.copytree if (ROOT / name).is_dir() else shutil.copy2
+            copy(ROOT / name, self.source / name, **({"ignore": shutil.ignore_patterns("__pycache__")}
+                                                    if (ROOT / name).is_dir() else {}))
+        self.store = root / "drive-unmounted"
+        self.env = {"HF_HUB_OFFLINE": "1", "LYCOLAB_DRIVE_MOUNT": str(self.drive), "PIP_DISABLE_PIP_VERSION_CHECK": "1",
+                    "FAKE_COLAB_SECRETS": json.dumps({"HF_TOKEN": FAKE_HF_TOKEN}), "FAKE_COLAB_UPLOAD": str(upload),
+                    "FAKE_COLAB_LOG": str(root / "colab.log"), "FAKE_COLAB_DRIVE_STORE": str(self.store)}
+
+    def mounted(self) -> Path:
+        """MyDrive, mounted as a runtime leaves it (for a test to look at or change files on Drive)."""
+        if self.store.is_dir():
+            self.store.rename(self.drive / "MyDrive")
+        return self.drive / "MyDrive"
+
+    def new(self) -> str:
+        """A new runtime, whose Drive is not mounted yet; returns its kernel's name."""
+        self.mounted().rename(self.store)
+        self.count += 1
+        venv = self.root / f"runtime{self.count}"
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+        site = next((venv / "lib").glob("python*/site-packages"))
+        (site / "_runtime.pth").write_text(f"{self.packages}\n{FAKE_COLAB}\n", encoding="utf-8")
+        spec = self.root / "jupyter" / "kernels" / f"runtime{self.count}"
+        spec.mkdir(parents=True)
+        (spec / "kernel.json").write_text(json.dumps({
+            "argv": [str(venv / "bin" / "python"), "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+            "display_name": f"fresh runtime {self.count}", "language": "python", "env": self.env}), encoding="utf-8")
+        return f"runtime{self.count}"
+
+    def run(self, name: str, values: dict[str, object]) -> nbformat.NotebookNode:
+        """The step notebook ``name`` alone in a new runtime, lycolab installed by its first cell from Drive."""
+        return execute(NOTEBOOKS / f"{name}.ipynb", {"lycolab_source": str(self.source), **values}, self.root,
+                       kernel_name=self.new())
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +240,7 @@ def inputs(tiny_model_dir, tmp_path_factory):
             bundle.write(image, f"2_shapes/{image.name}")
     tagger = build_tagger(root / "tagger")
     return {
-        "01": {"install_packages": False},
+        "archive": archive,
         "02": {"base_model": str(tiny_model_dir), "vae_model": ""},
         "03": {"source": "zip", "location": str(archive), "resolution": 64},
         "04": {"method": "wd14", "annotation_model": str(tagger), "undesired_tags": "tag_b", "trigger_word": "sks",
@@ -147,14 +248,16 @@ def inputs(tiny_model_dir, tmp_path_factory):
         "05": {"resolution": 64, "dataset_repeats": 1, "network_category": "LoHa", "network_dim": 4,
                "network_alpha": 2, "conv_dim": 2, "conv_alpha": 1, "optimizer_type": "AdamW", "unet_lr": 1e-3,
                "num_epochs": 2, "train_batch_size": 2, "mixed_precision": "no", "save_precision": "float",
-               "xformers": False, "max_token_length": 75, "seed": 1,
-               "sample_prompts": "sks, red circle --w 64 --h 64 --s 2"},
+               "xformers": False, "max_token_length": 75, "seed": 1, "min_bucket_reso": 64,
+               "sample_prompts": "sks, red circle --w 64 --h 64 --s 2",
+               "sample_prompt_lines": "sks, blue square --w 64 --h 64 --s 2\n"},
         "07": {"destination": str(root / "drive")},
         "08": {"prompts": "sks, red circle --w 64 --h 64", "steps": 2},
     }
 
 
-def assert_every_step_left_its_files(ws: Path, drive: Path) -> None:
+def assert_every_step_left_its_files(ws: Path, backups: Path | None) -> None:
+    """``backups``: where 07 zipped the folders to; None when the workspace is on Drive (07 stores nothing twice)."""
     choices = json.loads((ws / "config" / "workspace.json").read_text())
     assert Path(choices["model"]).is_dir() and choices["caption_extension"] == ".txt"  # 02 and 04
     images = sorted((ws / "train_data" / "2_shapes").glob("*.png"))
@@ -163,30 +266,57 @@ def assert_every_step_left_its_files(ws: Path, drive: Path) -> None:
     assert not any("tag_b" in image.with_suffix(".txt").read_text() for image in images)
     for file_name in ("config_file.toml", "dataset_config.toml", "sample_prompt.txt"):  # 05
         assert (ws / "config" / file_name).is_file()
+    assert (ws / "config" / "sample_prompt.txt").read_text().splitlines() == [
+        "sks, red circle --w 64 --h 64 --s 2", "sks, blue square --w 64 --h 64 --s 2"]
     output = ws / "output"
     assert (output / f"{ws.name}.safetensors").is_file() and (output / f"{ws.name}-000001.safetensors").is_file()
     assert (output / f"{ws.name}-state").is_dir() and (ws / "logs" / "loss.csv").is_file()  # 06
     assert list((ws / "output" / "sample").glob("*_grid.png"))
-    assert len(list(drive.glob("*.zip"))) == 3  # 07: output, config, logs
+    if backups is not None:
+        assert len(list(backups.glob("*.zip"))) == 3  # 07: output, config, logs
     assert list((ws / "output" / "compare").glob("*.png"))  # 08
 
 
 @pytest.fixture(scope="module")
-def project(inputs, tmp_path_factory):
-    """Every step notebook run in order, each in a fresh kernel; returns (root, workspace, executed notebooks)."""
-    root = tmp_path_factory.mktemp("notebooks")
-    workspace = {"project": "nbtest", "workspace_root": str(root / "ws")}
-    executed = {name: execute(NOTEBOOKS / f"{name}.ipynb", {**workspace, **inputs.get(name[:2], {})}, root)
-                for name in STEPS}
-    return root, root / "ws" / "nbtest", executed
+def runtimes(inputs, tmp_path_factory):
+    with pytest.MonkeyPatch.context() as patch:
+        runtimes = FreshRuntimes(tmp_path_factory.mktemp("colab"), inputs["archive"])
+        patch.setenv("JUPYTER_PATH", str(runtimes.root / "jupyter"))
+        yield runtimes
 
 
-def test_every_step_notebook_runs_in_order_and_leaves_its_files(project, inputs):
-    root, ws, executed = project
-    assert_every_step_left_its_files(ws, Path(inputs["07"]["destination"]))
+@pytest.fixture(scope="module")
+def project(inputs, runtimes):
+    """Every step notebook run in order as a Colab user would, each alone in a fresh runtime. 01 names the project;
+    the later ones leave it empty and get the last one used. Returns (workspace, executed notebooks, Drive mounts
+    they made)."""
+    values = {**inputs, "01": {"project": "nbtest"}, "03": {**inputs["03"], "source": "upload", "location": ""},
+              "07": {"destination": ""}}
+    executed = {name: runtimes.run(name, values.get(name[:2], {})) for name in STEPS}
+    mounts = (runtimes.root / "colab.log").read_text().count("mount ")
+    return runtimes.mounted() / "lycolab" / "nbtest", executed, mounts
+
+
+def test_every_step_notebook_runs_alone_in_a_fresh_colab_runtime_and_leaves_its_files(project):
+    ws, executed, mounts = project
+    assert_every_step_left_its_files(ws, backups=None)
+    for name, notebook in executed.items():
+        shown = _text(notebook)
+        assert "installing lycolab from" in shown and "lycolab 0.1.0 installed" in shown, name
+        assert "project nbtest:" in shown, f"{name} opened the last project used"
+        assert FAKE_HF_TOKEN not in shown, f"the HF token was shown by {name}"
     assert _outputs(executed["06_train"], "image/png"), "the live loss plot is shown"
     assert _outputs(executed["05_configure"], "text/html"), "the plan is shown as a table"
     assert _outputs(executed["08_compare_epochs"], "text/html")
+    assert "already on Drive" in _text(executed["07_save_to_drive"])
+    assert mounts == len(STEPS), "each new runtime mounts Drive once"
+
+
+def test_the_training_notebook_shows_lycolabs_log_lines(project):
+    _, executed, _ = project
+    shown = _text(executed["06_train"])
+    assert "number of images (including repeats)" in shown and "bucket" in shown  # the bucket report
+    assert "no unfinished run of nbtest to resume" in shown, shown[-6000:]
 
 
 def test_the_all_in_one_notebook_runs_top_to_bottom(inputs, tmp_path):
@@ -197,36 +327,53 @@ def test_the_all_in_one_notebook_runs_top_to_bottom(inputs, tmp_path):
                        tmp_path, per_step)
     assert_every_step_left_its_files(tmp_path / "ws" / "allinone", drive)
     assert _outputs(executed, "image/png")
+    assert "installing lycolab" not in _text(executed), "lycolab was in place: nothing is installed"
 
 
-def test_the_training_step_reruns_alone_in_a_fresh_kernel_with_another_learning_rate(project):
-    root, ws, _ = project
-    executed = execute(NOTEBOOKS / "06_train.ipynb", {"project": "nbtest", "workspace_root": str(root / "ws"),
-                                                       "unet_lr": "0.0005"}, root)
-    with safe_open(str(ws / "output" / "nbtest.safetensors"), "pt") as handle:
+def test_after_a_disconnect_a_fresh_runtime_offers_the_saved_state_and_a_finished_run_starts_anew(project,
+                                                                                                  runtimes):
+    ws, _, _ = project
+    runtimes.mounted()
+    final, final_state = ws / "output" / "nbtest.safetensors", ws / "output" / "nbtest-state"
+    final.unlink()  # the runtime went away after epoch 1 was saved: no final file or state yet
+    shutil.rmtree(final_state)
+    resumed = runtimes.run("06_train", {})
+    assert "found nbtest-000001-state from a run that did not finish: resuming" in _text(resumed)
+    runtimes.mounted()
+    with safe_open(str(final), "pt") as handle:
+        assert handle.metadata()["ss_steps"] == "8"
+    again = runtimes.run("06_train", {"unet_lr": "0.0005"})  # the newest state is a finished run's: a new run
+    assert "resuming" not in _text(again)
+    runtimes.mounted()
+    with safe_open(str(final), "pt") as handle:
         metadata = handle.metadata()
     assert metadata["ss_unet_lr"] == "0.0005" and metadata["ss_steps"] == "8"  # 2_shapes: 4 images × 2, batch 2
-    assert _outputs(executed, "image/png")
+    assert _outputs(again, "image/png")
 
 
-def test_a_bad_value_fails_the_cell_in_one_line(project):
+def test_a_bad_value_fails_the_cell_in_one_line(project, runtimes, tmp_path):
     from nbclient.exceptions import CellExecutionError
 
-    root, _, _ = project
+    ws, _, _ = project
+    runtimes.mounted()
     with pytest.raises(CellExecutionError) as caught:
-        execute(NOTEBOOKS / "06_train.ipynb", {"project": "nbtest", "workspace_root": str(root / "ws"),
-                                               "unet_lr": "fast"}, root)
+        execute(NOTEBOOKS / "06_train.ipynb", {"project": "nbtest", "workspace_root": str(ws.parent),
+                                               "unet_lr": "fast"}, tmp_path)
     assert "unet_lr must be a number like 1e-4" in str(caught.value)
     assert "Traceback" not in str(caught.value).split("unet_lr must be")[0][-300:]
 
 
-def test_the_colab_requirements_hold_every_runtime_dependency_but_never_torch():
-    """01 installs requirements-colab.txt and then lycolab with --no-deps, so that file must be complete."""
-    with (ROOT / "pyproject.toml").open("rb") as handle:
-        dependencies = tomllib.load(handle)["project"]["dependencies"]
+def test_the_colab_requirements_are_generated_from_pyproject_and_never_name_torch():
+    """The install cell passes requirements-colab.txt to pip as constraints: floors and ceilings from pyproject."""
+    completed = subprocess.run([sys.executable, str(ROOT / "scripts" / "min_constraints.py"), "--colab",
+                                "--check", str(ROOT / "requirements-colab.txt")], capture_output=True, text=True)
+    assert completed.returncode == 0, completed.stderr
     name = re.compile(r"^[A-Za-z0-9_.-]+")
-    needed = {name.match(item).group(0).lower() for item in dependencies if "python_version" not in item}
     lines = [line.strip() for line in (ROOT / "requirements-colab.txt").read_text().splitlines()]
     listed = {name.match(line).group(0).lower() for line in lines if line and not line.startswith("#")}
-    assert needed - {"torch"} <= listed, needed - listed
+    with (ROOT / "pyproject.toml").open("rb") as handle:
+        project = tomllib.load(handle)["project"]
+    needed = {name.match(item).group(0).lower() for item in project["dependencies"] if "python_version" not in item}
+    assert needed - {"torch"} <= listed and "bitsandbytes" in listed, needed - listed
     assert not listed & {"torch", "torchvision", "torchaudio"}
+    assert "transformers>=5.0,<6" in lines

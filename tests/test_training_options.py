@@ -184,3 +184,27 @@ def test_the_live_display_updates_one_plot_and_shows_each_grid(tiny_model_dir, t
     assert shown == ["Image", "Markdown", "Image", "Markdown", "Image"]
     assert handle.updates == 4 and live.plots_drawn == 5
     assert Saves.saved == ["last-000001.safetensors", "last.safetensors"]
+
+
+def test_states_are_pruned_by_their_own_count_as_sd_scripts_does(tmp_path):
+    """save_last_n_epochs_state keeps that many epoch states; save_last_n_epochs keeps files (and states unless the
+    state count is given); the same for steps."""
+    from lycolab.training.checkpoints import prune_epochs, prune_steps
+
+    for epoch in range(1, 5):
+        (tmp_path / f"run-{epoch:06d}.safetensors").write_bytes(b"x")
+        (tmp_path / f"run-{epoch:06d}-state").mkdir()
+        (tmp_path / f"run-step{epoch * 10:08d}.safetensors").write_bytes(b"x")
+        (tmp_path / f"run-step{epoch * 10:08d}-state").mkdir()
+    prune_epochs(tmp_path, "run", None, 1)
+    prune_steps(tmp_path, "run", 40, 20, 5)
+    names = sorted(path.name for path in tmp_path.iterdir())
+    assert [name for name in names if "step" not in name] == [
+        "run-000001.safetensors", "run-000002.safetensors", "run-000003.safetensors", "run-000004-state",
+        "run-000004.safetensors"]
+    assert [name for name in names if "step" in name] == [
+        "run-step00000020.safetensors", "run-step00000030.safetensors", "run-step00000040-state",
+        "run-step00000040.safetensors"]
+    prune_epochs(tmp_path, "run", 2)
+    assert sorted(path.name for path in tmp_path.glob("run-0*")) == [
+        "run-000003.safetensors", "run-000004-state", "run-000004.safetensors"]

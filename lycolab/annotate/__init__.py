@@ -1,1 +1,2 @@
-"""Captions for training images: the WD1.4 tagger (ONNX), BLIP captions, and tag tools."""
+"""Captions for training images: the WD1.4 tagger (ONNX, v2 and v3), BLIP captions, tag tools, and the manifest that
+tells the captions lycolab wrote from the ones a person edited."""

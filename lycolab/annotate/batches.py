@@ -1,5 +1,5 @@
-"""What the tagger and the captioner share: which images still need a caption, and batches of opened images with
-unreadable files skipped and reported."""
+"""What the tagger and the captioner share: the write modes, which images need a new caption, and batches of
+opened images with unreadable files skipped and reported."""
 
 from __future__ import annotations
 
@@ -10,30 +10,58 @@ from pathlib import Path
 
 from PIL import Image
 
+from lycolab.annotate.manifest import CaptionManifest
 from lycolab.data.images import UnreadableImage, open_rgb
 from lycolab.data.scan import caption_suffix, list_images
 
 logger = logging.getLogger(__name__)
 
+# What happens to an existing caption: skip keeps every one; overwrite replaces those lycolab wrote and nobody
+# changed since (the user's edits and hand-made captions are kept); overwrite_all replaces every one; append adds
+# the new tags missing from it.
+WRITE_MODES = ("skip", "overwrite", "overwrite_all", "append")
+
 
 @dataclass
 class AnnotationResult:
-    written: list[Path] = field(default_factory=list)
-    kept_existing: list[Path] = field(default_factory=list)
+    written: list[Path] = field(default_factory=list)  # captions (re)written by the model
+    kept_existing: list[Path] = field(default_factory=list)  # skip: existing captions left as they were
+    kept_edited: list[Path] = field(default_factory=list)  # overwrite: the user's captions, kept
+    cleaned: list[Path] = field(default_factory=list)  # kept captions the undesired tags / trigger word changed
     bad_files: list[str] = field(default_factory=list)
 
 
-def images_to_annotate(folder: str | Path, caption_extension: str, keep_existing: bool, result: AnnotationResult
-                       ) -> list[Path]:
-    """The folder's images, minus those whose caption file exists when ``keep_existing`` (recorded as kept)."""
+def check_mode(mode: str) -> str:
+    if mode not in WRITE_MODES:
+        raise ValueError(f"mode must be one of {', '.join(WRITE_MODES)}, got {mode!r}")
+    return mode
+
+
+def images_to_annotate(folder: str | Path, caption_extension: str, mode: str, result: AnnotationResult,
+                       manifest: CaptionManifest) -> list[Path]:
+    """The folder's images whose caption the model should write in this ``mode``; the others are recorded in
+    ``result`` as kept (skip) or kept as the user's (overwrite)."""
     pending = []
     for image_path in list_images(folder):
         caption = image_path.with_suffix(caption_suffix(caption_extension))
-        if keep_existing and caption.exists():
-            result.kept_existing.append(caption)
-        else:
+        if not caption.exists() or mode in ("overwrite_all", "append"):
             pending.append(image_path)
+        elif mode == "skip":
+            result.kept_existing.append(caption)
+        elif manifest.written_by_lycolab(caption):
+            pending.append(image_path)
+        else:
+            result.kept_edited.append(caption)
     return pending
+
+
+def report_kept(result: AnnotationResult) -> None:
+    if result.kept_existing:
+        logger.info("%d image(s) already had captions and were kept; use overwrite or append mode to change them",
+                    len(result.kept_existing))
+    if result.kept_edited:
+        logger.info("%d edited caption(s) kept (changed since lycolab wrote them, or written by hand); use "
+                    "overwrite_all to replace them too", len(result.kept_edited))
 
 
 def image_batches(paths: list[Path], batch_size: int, result: AnnotationResult

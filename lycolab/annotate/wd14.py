@@ -1,46 +1,80 @@
 """The WD1.4 tagger (SmilingWolf's ONNX models) through onnxruntime: anime-style tags for every image of a folder.
 
 A model folder holds ``model.onnx`` and ``selected_tags.csv`` (columns ``tag_id,name,category,count``; category 9 is
-a rating, 4 a character, 0 a general tag); a hub repo id with those two files is downloaded when online. Images are
-prepared as those models expect: composited and padded to a square on white, resized to the model's input size,
-BGR channel order, float32 pixel values 0–255, NHWC.
+a rating, 4 a character, 0 a general tag); a short name from :data:`TAGGERS` or a hub repo id with those two files is
+downloaded when online. The v2 (``wd-v1-4-…-tagger-v2``) and v3 (``wd-…-tagger-v3``) taggers take the same input,
+so one preparation serves both: composited and padded to a square on white, resized (bicubic) to the size the
+model's input shape names, BGR channel order, float32 pixel values 0–255, NHWC. v3 models are stamped with the
+``ai.onnx.ml`` opset 4, which onnxruntime reads from 1.17 on; an older one fails with a line saying so.
 """
 
 from __future__ import annotations
 
 import csv
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from lycolab.annotate.batches import AnnotationResult, image_batches, images_to_annotate
-from lycolab.annotate.tags import clean_caption, dedupe, join_tags, split_tags
+from lycolab.annotate.batches import (
+    WRITE_MODES,
+    AnnotationResult,
+    check_mode,
+    image_batches,
+    images_to_annotate,
+    report_kept,
+)
+from lycolab.annotate.manifest import CaptionManifest, read_caption_text, write_caption
+from lycolab.annotate.tags import append_tags, caption_files, clean_caption, edit_captions, join_tags, split_tags
 from lycolab.data.scan import caption_suffix
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_REPO = "SmilingWolf/wd-v1-4-convnextv2-tagger-v2"
+# The notebook's choices: a short name for each of SmilingWolf's taggers (any other repo id or folder works too).
+TAGGERS = {
+    "wd-v3-swinv2": "SmilingWolf/wd-swinv2-tagger-v3",
+    "wd-v3-convnext": "SmilingWolf/wd-convnext-tagger-v3",
+    "wd-v3-vit": "SmilingWolf/wd-vit-tagger-v3",
+    "wd-v3-vit-large": "SmilingWolf/wd-vit-large-tagger-v3",
+    "wd-v3-eva02-large": "SmilingWolf/wd-eva02-large-tagger-v3",
+    "wd-v2-convnextv2": "SmilingWolf/wd-v1-4-convnextv2-tagger-v2",
+    "wd-v2-convnext": "SmilingWolf/wd-v1-4-convnext-tagger-v2",
+    "wd-v2-swinv2": "SmilingWolf/wd-v1-4-swinv2-tagger-v2",
+    "wd-v2-vit": "SmilingWolf/wd-v1-4-vit-tagger-v2",
+    "wd-v2-moat": "SmilingWolf/wd-v1-4-moat-tagger-v2",
+}
+DEFAULT_TAGGER = "wd-v2-convnextv2"
+DEFAULT_REPO = TAGGERS[DEFAULT_TAGGER]
 RATING, GENERAL, CHARACTER = 9, 0, 4
-WRITE_MODES = ("skip", "overwrite", "append")
+DEFAULT_SIZE = 448  # when the model's input shape leaves the size open
+__all__ = ["TAGGERS", "DEFAULT_TAGGER", "DEFAULT_REPO", "WRITE_MODES", "WD14Tagger", "tagger_source", "tag_folder"]
+
+
+def tagger_source(model: str | Path) -> str | Path:
+    """A short name (``wd-v3-swinv2``) as its hub repo; a folder or repo id unchanged."""
+    return TAGGERS.get(str(model).strip().lower(), model) if isinstance(model, str) else model
 
 
 class WD14Tagger:
-    """One loaded tagger; ``tag_images`` returns tag lists in probability order (characters first)."""
+    """One loaded tagger: :meth:`probabilities` for a batch of images, :meth:`tags` for one row of them."""
 
     def __init__(self, model: str | Path = DEFAULT_REPO, providers: list[str] | None = None):
         import onnxruntime
 
-        folder = _model_folder(model)
+        folder = _model_folder(tagger_source(model))
         available = onnxruntime.get_available_providers()
         providers = providers or [name for name in ("CUDAExecutionProvider", "CPUExecutionProvider")
                                   if name in available]
-        self.session = onnxruntime.InferenceSession(str(folder / "model.onnx"), providers=providers)
+        try:
+            self.session = onnxruntime.InferenceSession(str(folder / "model.onnx"), providers=providers)
+        except Exception as error:  # onnxruntime's own Fail/InvalidGraph/…: one line saying what to do
+            raise ValueError(_load_failure(folder / "model.onnx", error, onnxruntime.__version__)) from None
         model_input = self.session.get_inputs()[0]
         self.input_name = model_input.name
-        size = model_input.shape[1]
-        self.size = size if isinstance(size, int) else 448
+        self.output_name = self.session.get_outputs()[0].name  # later outputs (embeddings) are not needed
+        self.size, self.fixed_batch = _input_layout(folder, model_input.shape)
         self.names, self.categories = _read_tags(folder / "selected_tags.csv")
         outputs = self.session.get_outputs()[0].shape[-1]
         if isinstance(outputs, int) and outputs != len(self.names):
@@ -57,8 +91,20 @@ class WD14Tagger:
         return np.asarray(square, dtype=np.float32)[:, :, ::-1]
 
     def probabilities(self, images: list[Image.Image]) -> np.ndarray:
+        """One row of tag probabilities per image; a model exported for a fixed batch size gets full batches
+        (the last one padded, its extra rows dropped)."""
         batch = np.ascontiguousarray(np.stack([self.prepare(image) for image in images]))
-        return self.session.run(None, {self.input_name: batch})[0]
+        if not self.fixed_batch:
+            return self._run(batch)
+        rows = []
+        for start in range(0, len(batch), self.fixed_batch):
+            chunk = batch[start : start + self.fixed_batch]
+            padding = np.zeros((self.fixed_batch - len(chunk), *chunk.shape[1:]), np.float32)
+            rows.append(self._run(np.concatenate([chunk, padding]))[: len(chunk)])
+        return np.concatenate(rows)
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run([self.output_name], {self.input_name: batch})[0]
 
     def tags(self, probabilities: np.ndarray, general_threshold: float = 0.35, character_threshold: float = 0.85,
              include_rating: bool = False, underscores_to_spaces: bool = True) -> list[str]:
@@ -77,24 +123,32 @@ class WD14Tagger:
         return [name.replace("_", " ") if underscores_to_spaces and len(name) > 3 else name for name in names]
 
 
-def tag_folder(folder: str | Path, model: str | Path | WD14Tagger = DEFAULT_REPO, general_threshold: float = 0.35,
-               character_threshold: float = 0.85, batch_size: int = 8, caption_extension: str = ".txt",
-               include_rating: bool = False, underscores_to_spaces: bool = True, undesired_tags: list[str] = (),
-               trigger_word: str | None = None, mode: str = "skip", progress: bool = True) -> AnnotationResult:
+def tag_folder(folder: str | Path, model: str | Path | WD14Tagger | Callable[[], WD14Tagger] = DEFAULT_REPO,
+               general_threshold: float = 0.35, character_threshold: float = 0.85, batch_size: int = 8,
+               caption_extension: str = ".txt", include_rating: bool = False, underscores_to_spaces: bool = True,
+               undesired_tags: list[str] = (), trigger_word: str | None = None, mode: str = "skip",
+               progress: bool = True, *, old_trigger_words: list[str] = (), manifest: CaptionManifest | None = None
+               ) -> AnnotationResult:
     """Tag every image directly in ``folder`` and write ``<image><caption_extension>`` files.
 
-    ``mode`` decides what happens to an existing caption: ``skip`` keeps it (default: nothing is ever lost),
-    ``overwrite`` replaces it, ``append`` adds the new tags after the old ones (duplicates dropped). Undesired tags
-    are removed and the trigger word goes first, once.
+    ``mode`` decides what happens to an existing caption (:data:`WRITE_MODES`): ``skip`` keeps it (default:
+    nothing is ever lost); ``overwrite`` replaces it only when lycolab wrote it and nobody changed it since, so
+    edits and hand-made captions stay (``result.kept_edited``); ``overwrite_all`` replaces every one; ``append``
+    adds the new tags it lacks. Every caption of the folder, kept ones too, ends without the undesired tags and with
+    the trigger word first, once — an old trigger word (``old_trigger_words``) is replaced by the new one. The
+    ``manifest`` (default: the folder's, or the nearest above it) records what lycolab wrote. ``model`` is a name
+    from :data:`TAGGERS`, a repo id, a folder, a loaded :class:`WD14Tagger`, or a function giving one (called only
+    when some image needs tags, so sharing one between folders loads it at most once).
     """
     from tqdm.auto import tqdm
 
-    if mode not in WRITE_MODES:
-        raise ValueError(f"mode must be one of {', '.join(WRITE_MODES)}, got {mode!r}")
-    tagger = model if isinstance(model, WD14Tagger) else WD14Tagger(model)
+    check_mode(mode)
     extension = caption_suffix(caption_extension)
+    manifest = manifest or CaptionManifest.for_folder(folder)
+    undesired, old_trigger_words = list(undesired_tags), list(old_trigger_words)
     result = AnnotationResult()
-    pending = images_to_annotate(folder, extension, mode == "skip", result)
+    pending = images_to_annotate(folder, extension, mode, result, manifest)
+    tagger = _loaded(model) if pending else None  # nothing to tag: no download
     batches = image_batches(pending, batch_size, result)
     for paths, images in tqdm(batches, total=-(-len(pending) // batch_size), desc="tagging", disable=not progress):
         if not images:
@@ -102,19 +156,31 @@ def tag_folder(folder: str | Path, model: str | Path | WD14Tagger = DEFAULT_REPO
         for image_path, probabilities in zip(paths, tagger.probabilities(images), strict=True):
             tags = tagger.tags(probabilities, general_threshold, character_threshold, include_rating,
                                underscores_to_spaces)
-            result.written.append(_write_caption(image_path.with_suffix(extension), tags, mode, undesired_tags,
-                                                 trigger_word))
-    if result.kept_existing:
-        logger.info("%d image(s) already had captions and were kept; use overwrite or append mode to change them",
-                    len(result.kept_existing))
+            result.written.append(_write_tags(image_path.with_suffix(extension), tags, mode, manifest,
+                                              (undesired, trigger_word, old_trigger_words)))
+        manifest.save()  # after every batch: a stopped run still knows what it wrote
+    written = set(result.written)
+    others = [path for path in caption_files(folder, extension) if path not in written]
+    result.cleaned = edit_captions(others, remove=undesired, trigger_word=trigger_word,
+                                   old_trigger_words=old_trigger_words, manifest=manifest, counts_as_edit=False)
+    report_kept(result)
     return result
 
 
-def _write_caption(path: Path, tags: list[str], mode: str, undesired: list[str], trigger_word: str | None) -> Path:
-    if mode == "append" and path.exists():
-        tags = dedupe(split_tags(path.read_text(encoding="utf-8")) + tags)
-    path.write_text(clean_caption(join_tags(tags), undesired, trigger_word) + "\n", encoding="utf-8")
-    return path
+def _loaded(model) -> WD14Tagger:
+    if isinstance(model, WD14Tagger):
+        return model
+    return model() if callable(model) else WD14Tagger(model)
+
+
+def _write_tags(path: Path, tags: list[str], mode: str, manifest: CaptionManifest, cleanup: tuple) -> Path:
+    """Write the tagger's caption, cleaned; ``append`` keeps the existing tags first and adds only the missing
+    ones, and a caption that was the user's stays the user's."""
+    users = False
+    if mode == "append" and path.is_file():
+        users = manifest.is_users(path)
+        tags = append_tags(split_tags(read_caption_text(path)), tags)
+    return write_caption(path, clean_caption(join_tags(tags), *cleanup), manifest, by_lycolab=not users)
 
 
 def _read_tags(path: Path) -> tuple[list[str], list[int]]:
@@ -139,5 +205,26 @@ def _model_folder(model: str | Path) -> Path:
         files = [Path(hf_hub_download(str(model), name)) for name in ("model.onnx", "selected_tags.csv")]
     except Exception as error:  # offline, unknown repo, no permission: one clear line
         raise ValueError(f"{model}: cannot get the tagger ({type(error).__name__}); give a local folder with "
-                         "model.onnx and selected_tags.csv") from None
+                         f"model.onnx and selected_tags.csv, or one of {', '.join(TAGGERS)} when online") from None
     return files[0].parent
+
+
+def _input_layout(folder: Path, shape: list) -> tuple[int, int | None]:
+    """(image size, fixed batch size or None) from the model's input shape, which must be NHWC with 3 channels."""
+    if len(shape) != 4 or shape[3] != 3:
+        raise ValueError(f"{folder}: the model takes input of shape {shape}, not images as (batch, height, width, 3);"
+                         " it is not a WD14 tagger")
+    size = shape[1] if isinstance(shape[1], int) and shape[1] > 0 else DEFAULT_SIZE
+    batch = shape[0] if isinstance(shape[0], int) and shape[0] > 0 else None
+    return size, batch
+
+
+def _load_failure(path: Path, error: Exception, version: str) -> str:
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    major_minor = tuple(int(part) for part in version.split(".")[:2] if part.isdigit())
+    if "opset" in reason.lower() or major_minor < (1, 17):
+        fix = (f"v3 taggers need onnxruntime 1.17 or newer (this is {version}): pip install -U onnxruntime, or "
+               "onnxruntime-gpu on a GPU; or choose a v2 tagger")
+    else:
+        fix = "the file may be damaged: delete it and download it again"
+    return f"{path}: onnxruntime cannot load it ({reason[:200]}); {fix}"

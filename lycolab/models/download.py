@@ -41,7 +41,9 @@ logger = logging.getLogger(__name__)
 CIVITAI_API = "https://civitai.com/api/v1"
 CHUNK_BYTES = 1 << 20
 RETRIES = 5
-_CIVITAI_MODEL = re.compile(r"^(?:civitai:(\d+)|https?://(?:www\.)?civitai\.com/models/(\d+)\S*)$")
+# civitai:ID, civitai:ID@VERSION_ID, or a model page URL (its ?modelVersionId= picks the version, as the site does)
+_CIVITAI_MODEL = re.compile(r"^(?:civitai:(\d+)(?:@(\d+))?|https?://(?:www\.)?civitai\.com/models/(\d+)\S*)$")
+_CIVITAI_VERSION = re.compile(r"[?&]modelVersionId=(\d+)")
 # the weight file names diffusers (models) and transformers (text encoders) load, in that order of preference
 WEIGHT_STEMS = ("diffusion_pytorch_model", "model", "pytorch_model")
 WEIGHT_FORMATS = ("safetensors", "bin")  # safetensors first; .bin is read with torch.load(weights_only=True)
@@ -96,7 +98,9 @@ def download(source: str, to: str | Path, token: str | None = None, sha256: str 
             return download_url(preset.url, to, token=token, sha256=sha256 or preset.sha256, progress=progress)
         return download_hub_file(preset.repo, preset.filename, to, token, sha256 or preset.sha256)
     if civitai:
-        return download_civitai(int(civitai.group(1) or civitai.group(2)), to, token, progress=progress)
+        version = civitai.group(2) or (_CIVITAI_VERSION.search(source) or [None, None])[1]
+        return download_civitai(int(civitai.group(1) or civitai.group(3)), to, token, progress=progress,
+                                version_id=int(version) if version else None)
     if is_url:
         return download_url(source, to, token=token, sha256=sha256, progress=progress)
     if len(parts) == 2:
@@ -320,20 +324,28 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
 
 
 def download_civitai(model_id: int, to: Path, token: str | None = None, api: str | None = None,
-                     progress: bool = True) -> Path:
-    """The newest version's primary file of a Civitai model, checked against the sha256 Civitai publishes."""
+                     progress: bool = True, version_id: int | None = None) -> Path:
+    """The primary file of a Civitai model's version ``version_id`` (a page URL's ``modelVersionId``; default the
+    newest), checked against the sha256 Civitai publishes."""
     api = api or os.environ.get("CIVITAI_API", CIVITAI_API)
     token = token or os.environ.get("CIVITAI_TOKEN") or os.environ.get("CIVITAI_API_KEY")
     info = json.loads(_fetch_bytes(f"{api}/models/{model_id}", token, "CIVITAI_TOKEN"))
     versions = info.get("modelVersions") or []
     if not versions:
         raise DownloadError(f"civitai model {model_id}: it has no downloadable version")
-    files = versions[0].get("files") or []
+    version = versions[0]
+    if version_id is not None:
+        version = next((item for item in versions if item.get("id") == version_id), None)
+        if version is None:
+            known = ", ".join(str(item.get("id")) for item in versions)
+            raise DownloadError(f"civitai model {model_id} has no version {version_id} (it has {known}); copy the "
+                                "page URL again with the version selected")
+    files = version.get("files") or []
     chosen = next((item for item in files if item.get("primary")), files[0] if files else None)
     if chosen is None:
-        raise DownloadError(f"civitai model {model_id}: its newest version has no file")
+        raise DownloadError(f"civitai model {model_id}: version {version.get('id', '')} has no file")
     sha256 = (chosen.get("hashes") or {}).get("SHA256")
-    return download_url(chosen.get("downloadUrl") or versions[0]["downloadUrl"], to, filename=chosen.get("name"),
+    return download_url(chosen.get("downloadUrl") or version["downloadUrl"], to, filename=chosen.get("name"),
                         token=token, sha256=sha256, progress=progress, token_variable="CIVITAI_TOKEN")
 
 
@@ -341,17 +353,44 @@ def download_url(url: str, to: Path, filename: str | None = None, token: str | N
                  sha256: str | None = None, progress: bool = True, token_variable: str = "a token") -> Path:
     """A plain HTTP(S) download: resumable, size- and checksum-checked, renamed into place only when whole.
 
-    The final name is ``filename``, else the server's Content-Disposition, else the URL's last part.
+    The final name is ``filename``, else the server's Content-Disposition, else the URL's last part. A file of that
+    name already complete in ``to`` (and matching ``sha256`` when one is given) is used without downloading again:
+    the model cache is shared by every project. Google Drive share links and Hugging Face ``/blob/`` page URLs are
+    turned into their download URLs first (:func:`direct_url`).
     """
     to.mkdir(parents=True, exist_ok=True)
+    url = direct_url(url)
     shown = _without_query(url)
-    partial = to / f".{_safe_name(filename or Path(urllib.parse.urlparse(url).path).name or 'download')}.part"
+    name = _safe_name(filename or Path(urllib.parse.urlparse(url).path).name or "download")
+    partial = to / f".{name}.part"
+    existing = to / name
+    if existing.is_file() and not partial.exists() and "." in name and not _drive_id(url):
+        if sha256 is None or _sha256_matches(existing, sha256):
+            logger.info("%s is already downloaded; using it", existing)
+            return existing
     for attempt in range(1, RETRIES + 1):
         try:
             return _transfer(url, partial, filename, token, sha256, progress, token_variable)
         except _Interrupted as interruption:
             logger.warning("%s: connection dropped (%s); resuming (%d/%d)", shown, interruption, attempt, RETRIES)
     raise DownloadError(f"{shown}: the connection kept dropping; run the same command again to resume")
+
+
+_DRIVE_FILE = re.compile(r"^https://drive\.google\.com/(?:file/d/([\w-]+)|(?:open|uc)\?(?:.*&)?id=([\w-]+))")
+
+
+def _drive_id(url: str) -> str | None:
+    match = _DRIVE_FILE.match(url)
+    return (match.group(1) or match.group(2)) if match else None
+
+
+def direct_url(url: str) -> str:
+    """The URL that returns the file itself for links people copy from a browser: a Google Drive share link
+    (``drive.google.com/file/d/ID/view``, ``open?id=ID``) and a Hugging Face file page (``…/blob/main/x``)."""
+    drive_id = _drive_id(url)
+    if drive_id:  # confirm=t skips the "too large to scan for viruses" page of big files
+        return f"https://drive.usercontent.google.com/download?id={drive_id}&export=download&confirm=t"
+    return re.sub(r"^(https://huggingface\.co/(?:datasets/|spaces/)?[^/]+/[^/]+)/blob/", r"\1/resolve/", url)
 
 
 class _Interrupted(Exception):
@@ -464,12 +503,21 @@ def _without_query(url: str) -> str:
     return urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
 
 
-def _check_sha256(path: Path, expected: str, final: Path) -> None:
+def _sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(CHUNK_BYTES), b""):
             digest.update(block)
-    if digest.hexdigest().lower() != expected.lower():
+    return digest.hexdigest().lower()
+
+
+def _sha256_matches(path: Path, expected: str) -> bool:
+    return _sha256_of(path) == expected.lower()
+
+
+def _check_sha256(path: Path, expected: str, final: Path) -> None:
+    digest = _sha256_of(path)
+    if digest != expected.lower():
         path.unlink(missing_ok=True)
-        raise DownloadError(f"{final.name}: sha256 does not match the published one (got {digest.hexdigest()[:12]}…, "
+        raise DownloadError(f"{final.name}: sha256 does not match the published one (got {digest[:12]}…, "
                             f"expected {expected[:12]}…); the partial file was deleted, download it again")

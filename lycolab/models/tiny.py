@@ -192,3 +192,15 @@ def save_tiny_sd(directory: str | Path, seed: int = TINY_SEED, v2: bool = False,
     from lycolab.models.export import save_diffusers_folder
 
     return save_diffusers_folder(pipeline, Path(directory))
+
+
+def is_tiny_model(path: str | Path) -> bool:
+    """Whether ``path`` is a diffusers folder holding this tiny model (CPU-sized: notebooks train it without a GPU)."""
+    import json
+
+    config = Path(str(path)) / "unet" / "config.json"
+    try:
+        unet = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return unet.get("cross_attention_dim") == TINY_HIDDEN_SIZE and max(unet.get("block_out_channels") or [0]) <= 64

@@ -25,6 +25,14 @@ NETWORK_CATEGORIES = {
 }
 DEFAULT_SAMPLE_PROMPT = ("masterpiece, best quality, {trigger} --n lowres, bad anatomy, blurry "
                          "--w 512 --h 512 --l 7 --s 28")
+# What the guide (and LyCORIS' authors) recommend per algorithm: network dims, and alpha as a fraction of dim.
+RECOMMENDED_DIMS = {
+    "LoRA": ((8, 128), "network_dim 32 with network_alpha 16 (alpha = dim/2); 8–128 are common"),
+    "LoCon": ((8, 128), "network_dim 32 / alpha 16, conv_dim 8–16 / conv_alpha half of it"),
+    "LoCon_Lycoris": ((8, 64), "network_dim 8–32 with alpha dim/2 or dim (or 1); conv_dim ≤ 32"),
+    "LoHa": ((4, 32), "network_dim ≤ 32 (LoHa's rank is dim², above 64 it exceeds the layers); alpha dim/2 or 1"),
+    "LoKr": ((4, 64), "network_dim 8–32 with alpha 1 or dim/2; conv_dim ≤ 32"),
+}
 
 
 @dataclass
@@ -40,8 +48,10 @@ class TrainingPlan(ShownAsTable):
     total_steps: int
     network: str
 
+    advice: list[str] = dataclasses.field(default_factory=list)
+
     def table(self) -> Table:
-        notes = [f"written: {self.config_file}, {self.dataset_config}"]
+        notes = [f"written: {self.config_file}, {self.dataset_config}", *self.advice]
         if not 1000 <= self.images_per_epoch * self.epochs <= 3000:
             notes.append(f"images × repeats × epochs = {self.images_per_epoch * self.epochs}; the guide suggests "
                          "1000–3000 in total (change dataset_repeats or num_epochs)")
@@ -80,6 +90,63 @@ def _optional(value: float | int) -> float | int | None:
     return value if value and value > 0 else None
 
 
+def _optimizer_args(text: str) -> list[str]:
+    """``weight_decay=0.1 betas=0.9,0.99`` (space-separated, as sd-scripts' command line), hollowstrawberry's
+    ``decouple=True, weight_decay=0.01, betas=[0.9,0.999]``, or the old notebook's list form
+    ``["decouple=True", "weight_decay=0.6"]`` pasted as is."""
+    import ast
+
+    text = text.strip()
+    if text.startswith("["):
+        try:
+            items = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            raise ValueError(f"optimizer_args {text!r}: not a readable list; write key=value items separated by "
+                             'spaces, e.g. weight_decay=0.01 betas=0.9,0.99') from None
+        if isinstance(items, list) and all(isinstance(item, str) for item in items):
+            return [item.strip() for item in items if item.strip()]
+    return [item.strip().rstrip(",") for item in text.split() if item.strip().rstrip(",")]
+
+
+def _clip_skip(clip_skip: int, v2: bool) -> int:
+    """0 = automatic: 2 for SD 1.x (the anime models' habit), 1 for SD 2.x (trained on the penultimate layer)."""
+    return clip_skip if clip_skip and clip_skip > 0 else 1 if v2 else 2
+
+
+def dim_advice(category: str, network_dim: int, network_alpha: float, conv_dim: int) -> list[str]:
+    """A note when dim or alpha is outside what is recommended for ``category`` (never an error: they are habits)."""
+    (low, high), recommendation = RECOMMENDED_DIMS.get(category, ((1, 1024), ""))
+    notes = []
+    if not low <= network_dim <= high or network_alpha > network_dim:
+        notes.append(f"{category}: network_dim {network_dim} / alpha {network_alpha:g} — recommended: "
+                     f"{recommendation}")
+    if category != "LoRA" and conv_dim > high:
+        notes.append(f"{category}: conv_dim {conv_dim} is large — recommended: {recommendation}")
+    return notes
+
+
+def _regularization(workspace: Workspace, reg_images: str, class_prompt: str, reg_repeats: int, extension: str
+                    ) -> list:
+    """Subsets for regularization images (sd-scripts' is_reg): the folder given, or the workspace's ``reg_data/``.
+
+    Images without a caption file are captioned with ``class_prompt`` (sd-scripts' class_tokens); ``N_name``
+    folders keep their N repeats and "name" class, others repeat ``reg_repeats`` times.
+    """
+    from lycolab.data.scan import discover_subsets, list_images
+
+    folder = Path(reg_images.strip()).expanduser() if reg_images.strip() else workspace.reg_data
+    if not folder.is_dir():
+        raise ValueError(f"{folder}: regularization folder not found; give a folder of images or leave it empty")
+    if not any(list_images(sub) for sub in [folder, *folder.rglob("*")] if sub.is_dir()):
+        if reg_images.strip():
+            raise ValueError(f"{folder}: no images in the regularization folder")
+        return []
+    subsets = discover_subsets(folder, default_repeats=reg_repeats, class_tokens=class_prompt.strip() or None)
+    return [dataclasses.replace(subset, is_reg=True, caption_extension=extension,
+                                class_tokens=subset.class_tokens or class_prompt.strip() or None)
+            for subset in subsets]
+
+
 @one_line_errors
 def configure(workspace: Workspace, *, model_version: str = "auto", pretrained_model_name_or_path: str = "",
               vae: str = "",
@@ -92,12 +159,20 @@ def configure(workspace: Workspace, *, model_version: str = "auto", pretrained_m
               lr_scheduler: str = "constant", lr_warmup_steps: int = 0, lr_scheduler_num_cycles: int = 1,
               num_epochs: int = 10, train_batch_size: int = 6, mixed_precision: str = "fp16",
               save_precision: str = "fp16", save_every_n_epochs: int = 1, save_state: bool = False,
-              max_token_length: int = 225, clip_skip: int = 2, gradient_checkpointing: bool = False,
+              max_token_length: int = 225, clip_skip: int = 0, gradient_checkpointing: bool = False,
               gradient_accumulation_steps: int = 1, seed: int = -1, lowram: bool = True, xformers: bool = True,
               cache_latents: bool = True, noise_offset: float = 0.0, min_snr_gamma: float = 0.0,
               enable_sample_prompt: bool = True, sampler: str = "euler_a", sample_prompts: str = "",
-              output_name: str = "", training_comment: str = "") -> TrainingPlan:
-    """Write both TOML files (and the sample prompts) from the form, validate them and return the plan."""
+              sample_prompt_lines: str = "", output_name: str = "", training_comment: str = "",
+              vae_batch_size: int = 1, save_last_n_epochs: int = 0, save_last_n_epochs_state: int = 1,
+              network_weights: str = "", reg_images: str = "", class_prompt: str = "", reg_repeats: int = 1,
+              prior_loss_weight: float = 1.0) -> TrainingPlan:
+    """Write both TOML files (and the sample prompts) from the form, validate them and return the plan.
+
+    Where the form cannot say "not set", 0 means it (and -1 for the seed); ``clip_skip`` 0 and
+    ``caption_extension`` "auto" pick per model and from step 04. ``save_last_n_epochs_state`` defaults to 1: one
+    state (enough to resume) instead of one per epoch on a 15 GB Drive.
+    """
     from lycolab.config import load_config, write_config_file, write_dataset_config
     from lycolab.data.buckets import bucket_range_including
     from lycolab.data.report import folder_datasets
@@ -105,8 +180,10 @@ def configure(workspace: Workspace, *, model_version: str = "auto", pretrained_m
     model = pretrained_model_name_or_path.strip() or workspace.recall("model", "")
     if not model:
         raise ValueError("no base model: run step 02, or give pretrained_model_name_or_path")
-    extension = caption_extension or workspace.recall("caption_extension", ".txt")
+    extension = caption_extension if caption_extension not in ("", "auto") else workspace.recall(
+        "caption_extension", ".txt")
     datasets = folder_datasets(workspace.train_data, str(resolution), extension)
+    regularization = _regularization(workspace, reg_images, class_prompt, reg_repeats, extension)
     for dataset in datasets:
         dataset.enable_bucket, dataset.bucket_no_upscale = enable_bucket, bucket_no_upscale
         dataset.min_bucket_reso, dataset.max_bucket_reso = bucket_range_including(
@@ -114,16 +191,20 @@ def configure(workspace: Workspace, *, model_version: str = "auto", pretrained_m
         dataset.subsets = [dataclasses.replace(
             subset, num_repeats=subset.num_repeats if _has_repeat_prefix(subset.image_dir) else dataset_repeats,
             shuffle_caption=shuffle_caption, keep_tokens=keep_tokens, flip_aug=flip_aug) for subset in dataset.subsets]
+        dataset.subsets += regularization
     dataset_file = write_dataset_config(datasets, workspace.dataset_config)
-    prompt_file = _write_prompts(workspace, sample_prompts) if enable_sample_prompt else None
+    prompt_file = _write_prompts(workspace, sample_prompts, sample_prompt_lines) if enable_sample_prompt else None
     v2, v_parameterization = _model_version(workspace, model_version)
+    weights = Path(network_weights.strip()).expanduser() if network_weights.strip() else None
+    if weights is not None and not weights.is_file():
+        raise ValueError(f"network_weights {weights}: file not found; give the .safetensors adapter to continue from")
     values = {
         "pretrained_model_name_or_path": model, "vae": vae.strip() or workspace.recall("vae", "") or None,
         "v2": v2, "v_parameterization": v_parameterization,
         **_network(network_category, network_dim, network_alpha, conv_dim, conv_alpha),
         "unet_lr": unet_lr, "text_encoder_lr": text_encoder_lr, "learning_rate": unet_lr,
         "network_train_unet_only": network_train_unet_only, "optimizer_type": optimizer_type,
-        "optimizer_args": [item.strip() for item in optimizer_args.split() if item.strip()],
+        "optimizer_args": _optimizer_args(optimizer_args),
         "lr_scheduler": lr_scheduler, "lr_warmup_steps": lr_warmup_steps,
         "lr_scheduler_num_cycles": lr_scheduler_num_cycles, "dataset_config": str(dataset_file),
         "cache_latents": cache_latents, "output_dir": str(workspace.output), "logging_dir": str(workspace.logs),
@@ -132,14 +213,39 @@ def configure(workspace: Workspace, *, model_version: str = "auto", pretrained_m
         "train_batch_size": train_batch_size, "max_token_length": max_token_length if max_token_length > 75 else None,
         "xformers": xformers, "max_train_epochs": num_epochs, "seed": seed if seed >= 0 else None,
         "gradient_checkpointing": gradient_checkpointing, "gradient_accumulation_steps": gradient_accumulation_steps,
-        "mixed_precision": mixed_precision, "clip_skip": _optional(clip_skip), "noise_offset": _optional(noise_offset),
+        "mixed_precision": mixed_precision, "clip_skip": _clip_skip(clip_skip, v2),
+        "noise_offset": _optional(noise_offset), "vae_batch_size": vae_batch_size,
+        "save_last_n_epochs": _optional(save_last_n_epochs),
+        "save_last_n_epochs_state": _optional(save_last_n_epochs_state) if save_state else None,
+        "network_weights": str(weights) if weights else None,
+        "prior_loss_weight": prior_loss_weight if regularization else None,
         "min_snr_gamma": _optional(min_snr_gamma), "lowram": lowram, "training_comment": training_comment or None,
         "sample_every_n_epochs": _optional(save_every_n_epochs) if prompt_file else None,
         "sample_sampler": sampler, "sample_prompts": str(prompt_file) if prompt_file else None,
     }
     config = load_config(overrides={key: value for key, value in values.items() if value is not None})
     config_file = write_config_file(config, workspace.config_file)
-    return _plan(load_config(config_file), config_file, dataset_file, network_category)
+    plan = _plan(load_config(config_file), config_file, dataset_file, network_category)
+    plan.advice = dim_advice(network_category, network_dim, network_alpha, conv_dim)
+    if regularization:
+        plan.advice.append(f"{len(regularization)} regularization folder(s) (is_reg), prior_loss_weight "
+                           f"{prior_loss_weight:g}: as in sd-scripts they are repeated to match the training images, "
+                           "so an epoch has twice the steps")
+    workspace.remember(caption_extension=extension)
+    return plan
+
+
+@one_line_errors
+def estimate(workspace: Workspace, device: str = "T4"):
+    """What the configuration written by :func:`configure` needs on ``device`` (``auto`` = this runtime's GPU):
+    time per step, VRAM and whether it fits a Colab session — prepared on a CPU runtime, it is planned for the GPU
+    step 06 will run on."""
+    from lycolab.config import load_config
+    from lycolab.estimate import estimate as estimate_run
+
+    if not workspace.config_file.is_file():
+        raise ValueError(f"{workspace.config_file} does not exist; run the cell above first")
+    return estimate_run(load_config(workspace.config_file), None if device in ("", "auto") else device)
 
 
 def _has_repeat_prefix(folder: str) -> bool:
@@ -148,11 +254,15 @@ def _has_repeat_prefix(folder: str) -> bool:
     return parse_repeat_folder(Path(folder).name) is not None
 
 
-def _write_prompts(workspace: Workspace, sample_prompts: str) -> Path:
+def _write_prompts(workspace: Workspace, sample_prompts: str, sample_prompt_lines: str = "") -> Path:
+    """``sample_prompt.txt``: the form's prompt (``\\n`` separates several) and the multi-line cell's lines; a
+    default with the trigger word when both are empty."""
     from lycolab.config import atomic_write_text
 
-    text = sample_prompts.strip() or DEFAULT_SAMPLE_PROMPT.format(trigger=workspace.recall("trigger_word", ""))
-    return atomic_write_text(workspace.config / "sample_prompt.txt", text.replace("\\n", "\n") + "\n")
+    given = sample_prompts.replace("\\n", "\n").split("\n") + sample_prompt_lines.split("\n")
+    lines = [line.strip() for line in given if line.strip()]
+    text = "\n".join(lines) or DEFAULT_SAMPLE_PROMPT.format(trigger=workspace.recall("trigger_word", ""))
+    return atomic_write_text(workspace.config / "sample_prompt.txt", text + "\n")
 
 
 def _plan(config, config_file: Path, dataset_file: Path, category: str) -> TrainingPlan:

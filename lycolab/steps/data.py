@@ -1,5 +1,6 @@
-"""Step 03: put training images into ``train_data/`` — upload a zip, a zip or folder on Drive, a list of image
-URLs, or a hub dataset — then show the dataset doctor's report.
+"""Step 03: put training images into ``train_data/`` — upload a zip, a zip on Drive or at a URL (a Google Drive
+share link works), a folder, a list of image URLs, a hub dataset, or a tag search on an image board — then show the
+dataset doctor's report.
 
 Only images and their caption files are taken; zip entries that would land outside the folder are refused.
 Subfolders are kept, so ``10_mychar``-style repeat folders work as in sd-scripts.
@@ -22,7 +23,7 @@ from lycolab.files import atomic_write
 
 logger = logging.getLogger(__name__)
 
-SOURCES = ("upload", "zip", "folder", "urls", "hub")
+SOURCES = ("upload", "zip", "folder", "urls", "hub", "booru")
 KEPT_EXTENSIONS = IMAGE_EXTENSIONS + (".txt", ".caption")
 
 
@@ -101,8 +102,19 @@ def hub_dataset(repo: str, destination: Path, result: DataResult, token: str | N
         raise ValueError(f"{repo}: the hub cannot be reached; upload the images as a zip instead") from None
     except HfHubHTTPError as error:
         raise ValueError(f"{repo}: {error.response.status_code if error.response is not None else ''} from the hub; "
-                         "check the dataset name (and set hf_token for a private one)") from None
+                         "check the dataset name (and add HF_TOKEN to Colab's Secrets 🔑 for a private one)") from None
     copy_folder(Path(folder), destination, result)
+
+
+def _download_zip(url: str, workspace: Workspace) -> Path:
+    """A zip at a URL (or a Drive share link) into the workspace's ``downloads/``, resumable like model downloads;
+    named after the URL, so a second run finds it and another URL never reuses it."""
+    import hashlib
+
+    from lycolab.models.download import download_url
+
+    name = f"images-{hashlib.sha256(url.encode()).hexdigest()[:12]}.zip"
+    return download_url(url, workspace.root / "downloads", filename=name)
 
 
 def _upload(destination: Path, result: DataResult) -> None:
@@ -119,21 +131,36 @@ def _upload(destination: Path, result: DataResult) -> None:
 
 @one_line_errors
 def get_data(workspace: Workspace, source: str = "zip", location: str = "", subfolder: str = "",
-             hf_token: str = "") -> DataResult:
-    """Bring images (and captions) into ``train_data/<subfolder>``; existing files with the same name are replaced."""
+             hf_token: str = "", limit: int = 100, booru_site: str = "danbooru", ratings: str = "",
+             min_score: int = 0):
+    """Bring images (and captions) into ``train_data/<subfolder>``; existing files with the same name are replaced.
+
+    For ``booru`` the location is the tag search (``1girl solo``): up to ``limit`` images of ``booru_site``
+    (danbooru, gelbooru, safebooru), each with its tags as the caption; a second run adds only what is missing.
+    """
     if source not in SOURCES:
         raise ValueError(f"source must be one of {', '.join(SOURCES)} (got {source!r})")
     destination = workspace.train_data / subfolder.strip().strip("/") if subfolder.strip() else workspace.train_data
     destination.mkdir(parents=True, exist_ok=True)
+    if source == "booru":
+        from lycolab.data.booru import download_booru
+
+        return download_booru(location, destination, limit, booru_site, ratings=ratings,
+                              min_score=min_score if min_score > 0 else None,
+                              caption_extension=workspace.recall("caption_extension", ".txt"))
     result = DataResult(destination)
     if source == "upload":
         _upload(destination, result)
     elif source == "urls":
         download_urls(location, destination, result)
     elif source == "hub":
-        hub_dataset(location.strip(), destination, result, hf_token)
+        from lycolab.colab import secret
+
+        hub_dataset(location.strip(), destination, result, hf_token or secret("HF_TOKEN"))
     else:
         path = Path(location.strip()).expanduser()
+        if source == "zip" and location.strip().startswith(("http://", "https://")):
+            path = _download_zip(location.strip(), workspace)
         if not path.exists():
             raise FileNotFoundError(f"{path}: not found; give the {source} path (e.g. on /content/drive/MyDrive)")
         if source == "zip":
@@ -151,3 +178,27 @@ def dataset_report(workspace: Workspace, resolution: int = 512, caption_extensio
 
     extension = caption_extension or workspace.recall("caption_extension", ".txt")
     return check_dataset(folder_datasets(workspace.train_data, str(resolution), extension), batch_size)
+
+
+@one_line_errors
+def move_duplicates_aside(workspace: Workspace, move: bool = False) -> Table:
+    """Near-duplicate images of ``train_data/`` (the doctor's finder): listed, and with ``move`` moved with their
+    captions to the workspace's ``duplicates/`` folder (same subfolders), never deleted — move one back to keep it."""
+    from lycolab.data.dedupe import move_duplicates
+    from lycolab.data.report import find_near_duplicates
+    from lycolab.data.scan import list_images
+
+    destination = workspace.root / "duplicates"
+    if move:
+        moved = move_duplicates(workspace.train_data, destination,
+                                caption_extensions=(workspace.recall("caption_extension", ".txt"),))
+        rows = [{"moved": str(path.relative_to(destination))} for path in moved]
+        return Table(rows, title=f"{len(moved)} duplicate(s) moved to {destination}",
+                     notes=[] if moved else ["no near-duplicates found"])
+    folders = [workspace.train_data, *sorted(p for p in workspace.train_data.rglob("*") if p.is_dir())]
+    groups = find_near_duplicates([image for folder in folders for image in list_images(folder)])
+    rows = [{"group": index + 1, "images": ", ".join(str(path.relative_to(workspace.train_data)) for path in group)}
+            for index, group in enumerate(groups)]
+    notes = ["tick move_duplicates to keep the best of each group and move the others to duplicates/"] if groups \
+        else ["no near-duplicates found"]
+    return Table(rows, title=f"{len(groups)} group(s) of near-duplicates", notes=notes)

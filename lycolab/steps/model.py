@@ -3,7 +3,8 @@
 Tokens come from ``HF_TOKEN`` / ``CIVITAI_TOKEN`` (environment, or Colab's secrets panel) and go to the download
 only, as an HTTP header; they are never saved, printed or remembered, and the notebook has no field for them (form
 values are saved inside the notebook file). What later steps need (paths, v2, v-prediction) is remembered in the
-workspace.
+workspace. Downloads go to the model folder every project shares (``MyDrive/lycolab/_models`` in Colab), so a base
+model a second project picks is found there instead of filling Drive with another copy.
 """
 
 from __future__ import annotations
@@ -49,14 +50,14 @@ def _token(source: str, hf_token: str, civitai_token: str) -> str | None:
 @one_line_errors
 def get_model(workspace: Workspace, model: str = "sd15", vae: str = "", hf_token: str = "",
               civitai_token: str = "") -> ModelChoice:
-    """Download (or locate) the base model and VAE into ``models/`` and remember them for step 05."""
+    """Download (or locate) the base model and VAE into the shared model folder and remember them for step 05."""
     from lycolab.models.download import load_presets
 
     if not model.strip():
         raise ValueError("choose a model: a preset, owner/repo, a URL, civitai:ID or a path")
     model, vae = model.strip(), vae.strip()
-    model_path = _fetch(model, workspace.models, _token(model, hf_token, civitai_token))
-    vae_path = _fetch(vae, workspace.models / "vae", _token(vae, hf_token, civitai_token)) if vae else None
+    model_path = _fetch(model, workspace.shared_models, _token(model, hf_token, civitai_token))
+    vae_path = _fetch(vae, workspace.shared_models / "vae", _token(vae, hf_token, civitai_token)) if vae else None
     preset = load_presets().get(model)
     v2 = bool(preset and preset.v2) or _looks_v2(model_path)
     v_parameterization = bool(preset and preset.v_parameterization)

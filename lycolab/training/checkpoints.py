@@ -2,6 +2,9 @@
 
 Adapter files are ``{name}-{epoch:06d}.safetensors`` (every N epochs), ``{name}-step{step:08d}.safetensors`` (every N
 steps) and ``{name}.safetensors`` (the end); each may have a ``…-state`` folder beside it when ``save_state`` is on.
+As in sd-scripts, ``save_last_n_epochs`` keeps that many epoch files, and states too unless
+``save_last_n_epochs_state`` says how many states to keep (a state is hundreds of MB on a 15 GB Drive); the same
+for steps.
 """
 
 from __future__ import annotations
@@ -42,14 +45,25 @@ def _remove(paths: list[Path]) -> list[Path]:
     return paths
 
 
-def prune_epochs(output_dir: str | Path, name: str, keep: int) -> list[Path]:
-    """Remove epoch saves (files and states) older than the newest ``keep`` epochs; returns what was removed."""
-    numbered = _numbered(Path(output_dir), rf"{re.escape(name)}-(\d{{6}})(?:\.safetensors|-state)")
-    old = sorted(numbered)[:-keep] if keep else []
-    return _remove([path for epoch in old for path in numbered[epoch]])
+def prune_epochs(output_dir: str | Path, name: str, keep: int | None, keep_states: int | None = None
+                 ) -> list[Path]:
+    """Remove epoch files older than the newest ``keep`` epochs, and epoch states older than the newest
+    ``keep_states`` (default: ``keep``); None keeps all. Returns what was removed."""
+    removed = []
+    for kind, count in ((r"\.safetensors", keep), ("-state", keep_states or keep)):
+        numbered = _numbered(Path(output_dir), rf"{re.escape(name)}-(\d{{6}}){kind}")
+        old = sorted(numbered)[:-count] if count else []
+        removed += _remove([path for epoch in old for path in numbered[epoch]])
+    return removed
 
 
-def prune_steps(output_dir: str | Path, name: str, current_step: int, keep_steps: int) -> list[Path]:
-    """Remove step saves more than ``keep_steps`` steps older than ``current_step``; returns what was removed."""
-    numbered = _numbered(Path(output_dir), rf"{re.escape(name)}-step(\d{{8}})(?:\.safetensors|-state)")
-    return _remove([path for step, paths in numbered.items() if step < current_step - keep_steps for path in paths])
+def prune_steps(output_dir: str | Path, name: str, current_step: int, keep_steps: int | None,
+                keep_state_steps: int | None = None) -> list[Path]:
+    """Remove step files more than ``keep_steps`` steps older than ``current_step``, and step states more than
+    ``keep_state_steps`` (default: ``keep_steps``) older; None keeps all. Returns what was removed."""
+    removed = []
+    for kind, count in ((r"\.safetensors", keep_steps), ("-state", keep_state_steps or keep_steps)):
+        numbered = _numbered(Path(output_dir), rf"{re.escape(name)}-step(\d{{8}}){kind}")
+        removed += _remove([path for step, paths in numbered.items() if count and step < current_step - count
+                            for path in paths])
+    return removed

@@ -445,8 +445,9 @@ class Trainer:
             if self._due(self.config.save_every_n_steps, step):
                 self.checkpoint(checkpoints.step_file(self.config.output_dir, self.name, step),
                                 state_name(self.name, step=step), epoch)
-                if self.config.save_last_n_steps:
-                    checkpoints.prune_steps(self.config.output_dir, self.name, step, self.config.save_last_n_steps)
+                if self.config.save_last_n_steps or self.config.save_last_n_steps_state:
+                    checkpoints.prune_steps(self.config.output_dir, self.name, step, self.config.save_last_n_steps,
+                                            self.config.save_last_n_steps_state)
             if self._due(self.config.sample_every_n_steps, step):
                 self.sample(f"{self.name}_{step:06d}")
 
@@ -504,8 +505,9 @@ class Trainer:
         if self._due(self.config.save_every_n_epochs, epoch):
             self.checkpoint(checkpoints.epoch_file(self.config.output_dir, self.name, epoch),
                             state_name(self.name, epoch=epoch), epoch)
-            if self.config.save_last_n_epochs and self.is_main:
-                checkpoints.prune_epochs(self.config.output_dir, self.name, self.config.save_last_n_epochs)
+            if (self.config.save_last_n_epochs or self.config.save_last_n_epochs_state) and self.is_main:
+                checkpoints.prune_epochs(self.config.output_dir, self.name, self.config.save_last_n_epochs,
+                                         self.config.save_last_n_epochs_state)
         if self._due(self.config.sample_every_n_epochs, epoch):
             self.sample(f"{self.name}_e{epoch:06d}")
 

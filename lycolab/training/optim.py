@@ -40,6 +40,14 @@ def parse_optimizer_args(items: list[str]) -> dict[str, object]:
 
 
 def _literal(text: str) -> object:
+    """sd-scripts reads each value with ``ast.literal_eval`` (``0.9,0.99`` and ``[0.9,0.99]`` are sequences,
+    ``True`` a boolean); what that refuses (``true``, a bare word) is read leniently instead."""
+    import ast
+
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        pass
     if "," in text:
         return tuple(_literal(part.strip()) for part in text.split(",") if part.strip())
     if text.lower() in ("true", "false"):

@@ -1,29 +1,13 @@
 # %% [markdown]
 # # 01 · Install lycolab
 # Installs lycolab and what it needs **without touching Colab's own torch**, mounts Google Drive (in Colab) and
-# opens the project's workspace — the folders every later step reads and writes. In a local Jupyter, untick
-# `install_packages` if lycolab is already installed; the workspace is then `./workspace/<project>`.
+# opens the project's workspace — the folders every later step reads and writes. Every step notebook does the same
+# in its first cell, so any of them can be opened alone; this one also shows what the runtime has.
+#
+# Steps 01–05 run on a CPU runtime (prepare on CPU, train on GPU); for 06 and 08 choose *Runtime → Change runtime
+# type → T4 GPU* (those notebooks ask for it). In a local Jupyter the workspace is `./workspace/<project>`.
 
-# %% [parameters]
-#@title Install { display-mode: "form" }
-#@markdown Installs `requirements-colab.txt` (no torch in it) and then lycolab itself with `--no-deps`.
-install_packages = True  #@param {type:"boolean"}
-
-# %%
-if install_packages:
-    %pip install --quiet -r https://raw.githubusercontent.com/lycolab/lycolab/main/requirements-colab.txt
-    %pip install --quiet --no-deps git+https://github.com/lycolab/lycolab
-
-# %% [parameters]
-#@title Project { display-mode: "form" }
-#@markdown The project name is the folder that holds everything (Drive: `MyDrive/lycolab/<project>`).
-#@markdown Leave `workspace_root` empty for that default.
-project = "my_lora"  #@param {type:"string"}
-workspace_root = ""  #@param {type:"string"}
-
-# %%
-from lycolab.colab import open_workspace
-ws = open_workspace(project, workspace_root)
+# %% [setup]
 
 # %%
 from lycolab.steps import environment

@@ -7,14 +7,7 @@
 # Private or gated files need a token: add `HF_TOKEN` or `CIVITAI_TOKEN` in Colab's 🔑 *Secrets* panel (never type
 # a token into a form — form values are saved in the notebook). Downloads resume after an interruption.
 
-# %% [parameters]
-#@title Workspace { display-mode: "form" }
-project = "my_lora"  #@param {type:"string"}
-workspace_root = ""  #@param {type:"string"}
-
-# %%
-from lycolab.colab import open_workspace
-ws = open_workspace(project, workspace_root)
+# %% [setup]
 
 # %% [parameters]
 #@title Model { display-mode: "form" }

@@ -1,17 +1,15 @@
 # %% [markdown]
-# # 07 · Save to Drive
-# Keeps `output/` (adapters, samples, states), `config/` and `logs/` — and optionally `train_data/` — on Google
-# Drive, as one zip per folder (quick to download) or as plain copies. Empty destination =
-# `MyDrive/lycolab_backups/<project>`.
+# # 07 · Save and share
+# In Colab the project already lives on Google Drive (`MyDrive/lycolab/<project>`), so nothing is stored twice:
+# this step lists what is there. A workspace kept elsewhere (`workspace_root` off Drive, or a local Jupyter) is
+# saved as one zip per folder — `output/` (adapters, samples, states), `config/`, `logs/` and optionally
+# `train_data/` — or as plain copies. Empty destination = `MyDrive/lycolab_backups/<project>`.
+#
+# Then, optionally, publish the adapter on the Hugging Face Hub with a generated model card (trigger word, base
+# model, sample images, settings). Add a write token as `HF_TOKEN` in Colab's 🔑 *Secrets* panel first — never in a
+# form field, whose values are saved in the notebook.
 
-# %% [parameters]
-#@title Workspace { display-mode: "form" }
-project = "my_lora"  #@param {type:"string"}
-workspace_root = ""  #@param {type:"string"}
-
-# %%
-from lycolab.colab import open_workspace
-ws = open_workspace(project, workspace_root)
+# %% [setup]
 
 # %% [parameters]
 #@title Save { display-mode: "form" }
@@ -25,3 +23,16 @@ saved = save.save_to_drive(ws, destination, include_train_data, as_zip)
 
 # %%
 saved
+
+# %% [parameters]
+#@title Publish on the Hugging Face Hub (optional) { display-mode: "form" }
+#@markdown `your-name/my-lora`; empty = do not upload. `adapter` empty = the final file in `output/`.
+hub_repo = ""  #@param {type:"string"}
+private = True  #@param {type:"boolean"}
+adapter = ""  #@param {type:"string"}
+
+# %%
+published = save.publish_to_hub(ws, hub_repo, private, adapter)
+
+# %%
+published

@@ -3,14 +3,7 @@
 # Renders every prompt with every saved epoch (and the base model) at the same seed, as one grid: pick the last
 # epoch before the images turn over-stylised. One prompt per line (`\n` between them); kohya options allowed.
 
-# %% [parameters]
-#@title Workspace { display-mode: "form" }
-project = "my_lora"  #@param {type:"string"}
-workspace_root = ""  #@param {type:"string"}
-
-# %%
-from lycolab.colab import open_workspace
-ws = open_workspace(project, workspace_root)
+# %% [setup]
 
 # %% [parameters]
 #@title Compare { display-mode: "form" }
