@@ -131,6 +131,24 @@ def install_command(kind, source, folder):
     return command + [f"lycolab[{extras}] @ {source}"]
 
 
+def loaded_versions():
+    """{distribution: version} for the packages this runtime has already imported (Colab loads numpy, PIL … at
+    start): pip replacing one of them cannot take effect until the runtime restarts."""
+    try:
+        owners = importlib.metadata.packages_distributions()
+    except Exception:  # a broken metadata entry must not stop the install
+        return {}
+    loaded = {name.partition(".")[0] for name in list(sys.modules)}
+    versions = {}
+    for module in loaded & set(owners):
+        for name in owners[module]:
+            try:
+                versions[name] = importlib.metadata.version(name)
+            except importlib.metadata.PackageNotFoundError:
+                continue
+    return versions
+
+
 def _run(command, hint=""):
     completed = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if completed.returncode != 0:
@@ -151,6 +169,7 @@ def ensure(source=""):
                            "(Runtime → Restart session) and run this cell again to switch to " + (source or expected))
     started = time.monotonic()
     print(f"installing lycolab from {source or expected} (a minute or two; torch stays as it is)…")
+    before = loaded_versions()
     if present is not None:
         _run([sys.executable, "-m", "pip", "uninstall", "--quiet", "--yes", "lycolab"])
     with tempfile.TemporaryDirectory() as folder:
@@ -162,3 +181,14 @@ def ensure(source=""):
     if present is None:
         raise InstallError("pip finished but lycolab is not importable; restart the runtime and run this cell again")
     print(f"lycolab {present[0]} installed in {time.monotonic() - started:.0f} s")
+    changed = sorted(name for name, version in before.items() if _version_now(name) not in (version, None))
+    if changed:
+        raise InstallError(f"pip updated {', '.join(changed)}, already loaded in this runtime: restart it (Runtime → "
+                           "Restart session) and run this cell again (it will be quick)")
+
+
+def _version_now(name):
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None

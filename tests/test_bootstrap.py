@@ -109,3 +109,21 @@ def test_installed_reads_pips_record_of_where_lycolab_came_from(monkeypatch):
 
     monkeypatch.setattr(bootstrap.importlib.metadata, "distribution", lambda name: Distribution())
     assert bootstrap.installed() == ("0.1.0", "git+https://github.com/lycolab/lycolab@main", "main")
+
+
+def test_a_package_updated_while_loaded_asks_for_a_restart(monkeypatch, tmp_path, capsys):
+    versions = iter([{"numpy": "1.26.4", "pillow": "10.0.0"}])
+    monkeypatch.setattr(bootstrap, "loaded_versions", lambda: next(versions))
+    monkeypatch.setattr(bootstrap, "_version_now", {"numpy": "2.1.0", "pillow": "10.0.0"}.get)
+    monkeypatch.setattr(bootstrap, "installed", iter([None, ("0.1.0", None, None)]).__next__)
+    monkeypatch.setattr(bootstrap, "_run", lambda command, hint="": None)
+    monkeypatch.delitem(sys.modules, "lycolab", raising=False)
+    with pytest.raises(bootstrap.InstallError, match="pip updated numpy, already loaded in this runtime: restart"):
+        bootstrap.ensure("0.1.0")
+    assert "lycolab 0.1.0 installed" in capsys.readouterr().out
+
+
+def test_loaded_versions_name_the_distributions_of_imported_modules():
+    import numpy  # noqa: F401
+
+    assert "numpy" in bootstrap.loaded_versions()
