@@ -434,7 +434,7 @@ def _checkpoint_is_v2(source: str | None) -> bool:
 def model_counts(config: TrainConfig) -> tuple[ModelCounts, str | None]:
     """Parameter counts for the configured model and network (cached), and a note when the model was assumed."""
     unet, text_encoder, vae, note = model_configs(config)
-    weights = config.network_weights
+    weights = config.network_weights if config.dim_from_weights else None  # else the arguments' dims count
     weights_key = _file_key(weights) if weights else None
     counts = _counts(_json(unet), _json(text_encoder), _json(vae), _network_key(config), weights_key)
     return counts, note
@@ -487,7 +487,8 @@ def _meta_models(unet_config: dict, text_config: dict, vae_config: dict):
 
 def _adapter_size(unet, text_encoder, network_key: tuple, weights_key: tuple | None) -> tuple[int, int]:
     """(trainable adapter parameters, the largest adapted layer's weight size), from create_network as the training
-    loop calls it, or from the tensors of ``network_weights`` when the run starts from a file."""
+    loop calls it, or from the tensors of ``network_weights`` when the network takes its dims from that file
+    (dim_from_weights)."""
     from lycolab.networks import create_network
 
     kwargs, train_unet, train_text_encoder = dict(network_key[0]), network_key[1], network_key[2]

@@ -311,11 +311,24 @@ def _settings_section(metadata: dict[str, str]) -> str:
     rows = [(label, key, metadata[key]) for label, key in NETWORK_SETTINGS if _shown(metadata.get(key))]
     rows += _network_arg_rows(metadata.get("ss_network_args"))
     rows += [(label, key, metadata[key]) for label, key in TRAINING_SETTINGS if _shown(metadata.get(key))]
+    if not _shown(metadata.get("ss_resolution")):  # a dataset_config run: sd-scripts writes it per dataset
+        rows += [("Resolution", "ss_datasets", resolution) for resolution in _dataset_resolutions(metadata)]
     if not rows:
         return "## Training settings\n\nThe file carries no training metadata."
     lines = ["## Training settings", "", "| Setting | Value | Metadata key |", "|---|---|---|"]
     lines += [f"| {_md(label)} | {_md(value)} | {_code(key)} |" for label, key, value in rows]
     return "\n".join(lines)
+
+
+def _dataset_resolutions(metadata: dict[str, str]) -> list[str]:
+    try:
+        datasets = json.loads(metadata.get("ss_datasets") or "[]")
+    except ValueError:
+        return []
+    found = [dataset.get("resolution") for dataset in datasets if isinstance(dataset, dict)] if isinstance(
+        datasets, list) else []
+    return sorted({f"{value[0]}x{value[1]}" if isinstance(value, list) and len(value) == 2 else str(value)
+                   for value in found if value})
 
 
 def _network_arg_rows(network_args: str | None) -> list[tuple[str, str, str]]:

@@ -102,13 +102,53 @@ def test_general_values_cascade_into_datasets_and_subsets(tmp_path):
     assert subset.shuffle_caption and subset.caption_extension == ".txt" and subset.keep_tokens == 1
 
 
-def test_unknown_keys_give_one_warning_listing_them(tmp_path, caplog):
-    document = {"training_arguments": {"output_dir": "o", "frobnicate": 1, "zap_level": "x"}}
+def test_unknown_keys_stop_with_one_line_unless_allow_unknown_keys_only_warns(tmp_path, caplog):
+    document = {"training_arguments": {"output_dir": "o", "frobnicate": 1, "learning_rat": 1e-4}}
+    path = _write_toml(tmp_path / "c.toml", document)
+    with pytest.raises(ConfigError) as error:
+        load_config(path, _dataset_file(tmp_path))
+    assert str(error.value).startswith(f"{path}: unknown keys frobnicate, learning_rat (did you mean learning_rate?)")
+    assert "\n" not in str(error.value)
     with caplog.at_level(logging.WARNING):
-        read_config_file(_write_toml(tmp_path / "c.toml", document))
+        load_config(path, _dataset_file(tmp_path), overrides={"allow_unknown_keys": True})
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1
-    assert "frobnicate" in warnings[0] and "zap_level" in warnings[0] and "c.toml" in warnings[0]
+    assert len(warnings) == 1 and "frobnicate" in warnings[0] and "c.toml" in warnings[0]
+
+
+def test_a_refused_sd_scripts_key_is_named_with_why_and_its_off_value_is_accepted(tmp_path):
+    off = {"training_arguments": {"output_dir": "o", "full_fp16": False, "deepspeed": False, "zero_stage": 2,
+                                  "caption_extention": ".txt"}}
+    config = load_config(_write_toml(tmp_path / "off.toml", off), _dataset_file(tmp_path))
+    assert config.caption_extension == ".txt"  # sd-scripts' misspelt alias
+    on = {"training_arguments": {"output_dir": "o", "full_fp16": True}}
+    with pytest.raises(ConfigError, match="full_fp16 is not supported by lycolab: full fp16 training is not"):
+        load_config(_write_toml(tmp_path / "on.toml", on), _dataset_file(tmp_path))
+    with pytest.raises(ConfigError, match=r"datasets\[0\]\.alpha_mask is not supported by lycolab"):
+        path = _write_toml(tmp_path / "d.toml", {"datasets": [{"alpha_mask": True, "subsets": [
+            {"image_dir": str(tmp_path / "imgs")}]}]})
+        load_config(_write_toml(tmp_path / "c.toml", {"training_arguments": {"output_dir": "o"}}), path)
+
+
+def test_config_file_dataset_keys_are_the_fallback_of_a_dataset_config(tmp_path):
+    """sd-scripts: config_file's dataset arguments apply wherever dataset_config.toml does not set the key."""
+    document = {"dataset_arguments": {"shuffle_caption": True, "keep_tokens": 2, "caption_extension": ".txt",
+                                      "resolution": "640", "enable_bucket": True, "flip_aug": True},
+                "training_arguments": {"output_dir": "o"}}
+    dataset = {"general": {"keep_tokens": 1}, "datasets": [{"subsets": [{"image_dir": str(tmp_path / "imgs")}]}]}
+    write_images(tmp_path / "imgs", [(64, 64)])
+    config = load_config(_write_toml(tmp_path / "c.toml", document), _write_toml(tmp_path / "d.toml", dataset))
+    [loaded] = config.datasets
+    [subset] = loaded.subsets
+    assert (subset.shuffle_caption, subset.keep_tokens, subset.caption_extension, subset.flip_aug) == (
+        True, 1, ".txt", True)  # [general] wins over config_file, config_file over the defaults
+    assert loaded.resolution == (640, 640) and loaded.enable_bucket
+
+
+def test_save_model_as_ckpt_writes_safetensors_and_says_so(tmp_path, caplog):
+    document = {"saving_arguments": {"save_model_as": "ckpt"}, "training_arguments": {"output_dir": "o"}}
+    with caplog.at_level(logging.WARNING):
+        config = load_config(_write_toml(tmp_path / "c.toml", document), _dataset_file(tmp_path))
+    assert config.save_model_as == "safetensors" and "writing .safetensors instead" in caplog.text
 
 
 def _dataset_file(tmp_path):
@@ -298,15 +338,17 @@ def test_a_config_file_that_is_not_text_is_named(tmp_path):
         load_config(path)
 
 
-def test_misspelled_keys_are_warned_with_the_key_they_probably_meant(tmp_path, caplog):
+def test_misspelled_keys_are_named_with_the_key_they_probably_meant(tmp_path, caplog):
     write_images(tmp_path / "imgs", [(64, 64)])
     dataset_path = _write_toml(tmp_path / "dataset_config.toml", {
         "general": {"learning_rate": 1e-4, "resolutoin": 512},
         "datasets": [{"subsets": [{"image_dir": str(tmp_path / "imgs"), "num_repeat": 3}]}]})
     config_path = _write_toml(tmp_path / "config_file.toml", {"a": {"output_dir": "o", "netwrok_dim": 8,
                                                                      "num_repeats": 2}})
-    with caplog.at_level(logging.WARNING):
+    with pytest.raises(ConfigError, match="unknown keys netwrok_dim \\(did you mean network_dim\\?\\)"):
         load_config(config_path, dataset_path)
+    with caplog.at_level(logging.WARNING):
+        load_config(config_path, dataset_path, overrides={"allow_unknown_keys": True})
     warnings = " | ".join(record.getMessage() for record in caplog.records)
     assert "netwrok_dim (did you mean network_dim?)" in warnings
     assert "num_repeats (a dataset_config.toml key)" in warnings

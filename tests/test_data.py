@@ -1,5 +1,6 @@
 import logging
 import random
+from pathlib import Path
 
 import pytest
 from conftest import write_images
@@ -91,7 +92,7 @@ def test_caption_unchanged_without_shuffle():
 
 def test_repeat_folder_names():
     assert parse_repeat_folder("10_sks dog") == (10, "sks dog")
-    assert parse_repeat_folder("3_my_char") == (3, "my char")
+    assert parse_repeat_folder("3_my_char") == (3, "my_char")  # sd-scripts keeps the underscores
     assert parse_repeat_folder("images") is None
 
 
@@ -208,3 +209,12 @@ def test_bucket_settings_are_not_checked_when_bucketing_is_off():
     assert manager.select(256, 128) == BucketChoice((128, 128), (256, 128), 1.0 - 2.0)
     with pytest.raises(ConfigError, match="resolution must be positive"):
         BucketManager(DatasetConfig(enable_bucket=False, resolution=(128, -1)))
+
+
+def test_train_data_dir_is_scanned_one_level_deep_as_sd_scripts_does(tmp_path):
+    from lycolab.config import load_config
+
+    write_images(tmp_path / "data" / "5_cat", [(64, 64)])
+    write_images(tmp_path / "data" / "5_cat" / "3_nested", [(64, 64)])  # sd-scripts never looks here
+    config = load_config(overrides={"train_data_dir": str(tmp_path / "data"), "resolution": "64"})
+    assert [Path(subset.image_dir).name for dataset in config.datasets for subset in dataset.subsets] == ["5_cat"]

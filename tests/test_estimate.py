@@ -88,7 +88,7 @@ def test_the_tiny_models_adapter_is_counted_exactly_without_weights(tiny_model_d
     assert counts.vae == sum(p.numel() for p in tiny_sd.vae.parameters())
 
 
-def test_network_weights_are_counted_from_the_file(tiny_model_dir, tmp_path, tiny_sd):
+def test_network_weights_are_counted_from_the_file_with_dim_from_weights(tiny_model_dir, tmp_path, tiny_sd):
     from lycolab.networks import create_network
 
     make_shapes_dataset(tmp_path / "train")
@@ -96,7 +96,7 @@ def test_network_weights_are_counted_from_the_file(tiny_model_dir, tmp_path, tin
     saved = network.save_weights(tmp_path / "start.safetensors")
     config = load_config(overrides={
         "pretrained_model_name_or_path": str(tiny_model_dir), "train_data_dir": str(tmp_path / "train"),
-        "resolution": "64", "network_weights": str(saved), "network_dim": 16})
+        "resolution": "64", "network_weights": str(saved), "network_dim": 16, "dim_from_weights": True})
     counts, _ = model_counts(config)
     assert counts.adapter == sum(p.numel() for p in network.parameters())
 

@@ -147,7 +147,7 @@ def test_everything_a_training_run_writes_gets_the_umasks_mode(umask, tiny_model
         "caption_extension": ".txt", "network_module": "networks.lora", "network_dim": 4, "network_alpha": 2,
         "max_train_steps": 2, "train_batch_size": 2, "seed": 1, "output_dir": str(work / "output"),
         "output_name": "run", "save_state": True, "save_every_n_steps": 1, "cache_latents_to_disk": True,
-        "sample_prompts": str(work / "prompts.txt"), "logging_dir": str(work / "logs"),
+        "sample_prompts": str(work / "prompts.txt"), "sample_every_n_steps": 1, "logging_dir": str(work / "logs"),
     })
     write_config_file(config, work / "config" / "config_file.toml")
     result = train(config, progress=False)

@@ -70,9 +70,10 @@ def check_fixed_tags_stay_in_place(result: str, plain: str, subset: SubsetConfig
         head, rest = plain.split(separator, 1)
         middle, tail = rest.split(separator, 1) if separator in rest else (rest, "")
         first, movable, last = split_tags(head), split_tags(middle), split_tags(tail)
-    else:
-        tags = split_tags(plain)
-        first, movable, last = tags[: subset.keep_tokens], tags[subset.keep_tokens :], []
+    else:  # keep_tokens counts empty tags too, as sd-scripts does ("a,,b" has three)
+        tags = [tag.strip() for tag in plain.strip().split(",")]
+        first, movable, last = ([tag for tag in part if tag] for part in (tags[: subset.keep_tokens],
+                                                                          tags[subset.keep_tokens :], []))
     result_tags = split_tags(result)
     assert result_tags[: len(first)] == first
     assert result_tags[len(result_tags) - len(last) :] == last
@@ -113,8 +114,9 @@ def test_any_caption_file_and_settings_give_a_caption_that_keeps_its_fixed_tags_
         if (every and epoch % every == 0) or subset.caption_dropout_rate == 1.0:
             assert result == ""
         elif result or subset.caption_dropout_rate == 0:  # else an empty result may be the random caption dropout
-            check_fixed_tags_stay_in_place(result, plain, subset)
-            if not (subset.shuffle_caption or subset.caption_tag_dropout_rate > 0):
+            if subset.shuffle_caption or subset.caption_tag_dropout_rate > 0:
+                check_fixed_tags_stay_in_place(result, plain, subset)
+            else:  # the tags are not split at all (a keep_tokens_separator stays in the text), as in sd-scripts
                 assert result == plain
     check_encodes_within_the_token_positions(text_model, results, max_token_length)  # one batch, as training
 
@@ -137,7 +139,7 @@ def test_ten_thousand_tags_keep_their_first_tags_and_are_truncated_to_the_token_
 
 def test_keep_tokens_larger_than_the_tag_count_keeps_every_tag_in_place():
     subset = SubsetConfig(image_dir=".", shuffle_caption=True, keep_tokens=10, caption_tag_dropout_rate=0.9)
-    assert process_caption("b, a,, c ,", subset, random.Random(0)) == "b, a, c"
+    assert process_caption("b, a,, c ,", subset, random.Random(0)) == "b, a, , c, "  # sd-scripts keeps empty tags
 
 
 def test_a_second_keep_tokens_separator_keeps_the_tags_after_it_last_as_sd_scripts_does():

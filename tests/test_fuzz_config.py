@@ -234,9 +234,13 @@ def test_dataset_config_tables_of_any_shape_are_used_or_named_with_the_file(work
 
 @given(name=st.text(min_size=1, max_size=20), value=toml_values,
        level=st.sampled_from(["top", "general", "dataset", "subset", "config_file"]))
-def test_unknown_keys_anywhere_are_warned_once_and_never_break_loading(workspace, tmp_path_factory, caplog, name,
-                                                                       value, level):
-    assume(name not in ALL_KEYS + ("general", "datasets", "subsets", "dataset_arguments"))
+def test_unknown_keys_anywhere_stop_in_one_line_or_with_allow_unknown_keys_warn_once(
+        workspace, tmp_path_factory, caplog, name, value, level):
+    from lycolab.config import ALIASES
+    from lycolab.unsupported import REFUSED_OPTIONS
+
+    assume(name not in ALL_KEYS + ("general", "datasets", "subsets", "dataset_arguments") + tuple(REFUSED_OPTIONS)
+           + tuple(ALIASES))
     folder = tmp_path_factory.mktemp("u")
     document = _dataset_document(workspace)
     tables = {"top": document, "general": document["general"], "dataset": document["datasets"][0],
@@ -245,9 +249,12 @@ def test_unknown_keys_anywhere_are_warned_once_and_never_break_loading(workspace
     tables.get(level, config_document["a"])[name] = value
     (folder / "d.toml").write_text(tomli_w.dumps(document), encoding="utf-8")
     (folder / "c.toml").write_text(tomli_w.dumps(config_document), encoding="utf-8")
+    with pytest.raises(ConfigError) as error:
+        load_config(folder / "c.toml")
+    assert "unknown key" in str(error.value) and "\n" not in str(error.value)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="lycolab.config"):
-        load_config(folder / "c.toml")
+        load_config(folder / "c.toml", overrides={"allow_unknown_keys": True})
     warnings = [record.getMessage() for record in caplog.records if "unknown keys" in record.getMessage()]
     assert len(warnings) == 1 and "\n" not in warnings[0], warnings
 

@@ -63,9 +63,10 @@ def test_a_run_with_the_seed_guides_options_saves_samples_and_logs_everything(ti
     assert (metadata["ss_epoch"], metadata["ss_steps"], metadata["ss_lr_scheduler"]) == (
         "4", "8", "cosine_with_restarts")
 
-    # Samples before training, at epoch 2 and step 5, then the end: every prompt with its size, a grid per round.
+    # Samples before training, at epochs 2 and 4 (sd-scripts ignores sample_every_n_steps when
+    # sample_every_n_epochs is set): every prompt with its size, a grid per round.
     sample_dir = out / "sample"
-    stems = ["opt_e000000", "opt_e000002", "opt_000005", "opt_e000004"]  # in the order they were made
+    stems = ["opt_e000000", "opt_e000002", "opt_e000004"]  # in the order they were made
     assert sorted(p.name for p in sample_dir.glob("*_grid.png")) == sorted(f"{stem}_grid.png" for stem in stems)
     for stem in stems:
         sizes = [Image.open(sample_dir / f"{stem}_{index:02d}.png").size for index in range(3)]
@@ -208,3 +209,48 @@ def test_states_are_pruned_by_their_own_count_as_sd_scripts_does(tmp_path):
     prune_epochs(tmp_path, "run", 2)
     assert sorted(path.name for path in tmp_path.glob("run-0*")) == [
         "run-000003.safetensors", "run-000004-state", "run-000004.safetensors"]
+
+
+def test_step_samples_save_ratio_and_the_end_state_follow_sd_scripts(tiny_model_dir, tmp_path):
+    """sample_every_n_steps alone samples by steps and not at the end; save_n_epoch_ratio 2 over 4 epochs saves
+    every 2; save_state_on_train_end writes the final state only."""
+    data = make_dataset(tmp_path / "train")
+    (tmp_path / "prompts.txt").write_text("a red circle --w 64 --h 64 --s 2\n", encoding="utf-8")
+    out = tmp_path / "out"
+    config = load_config(overrides={
+        "pretrained_model_name_or_path": str(tiny_model_dir), "train_data_dir": str(data), "resolution": "64",
+        "caption_extension": ".txt", "network_dim": 2, "network_alpha": 1, "unet_lr": 1e-3, "optimizer_type": "AdamW",
+        "max_train_epochs": 4, "train_batch_size": 4, "save_n_epoch_ratio": 2, "save_state_on_train_end": True,
+        "sample_every_n_steps": 3, "sample_prompts": str(tmp_path / "prompts.txt"), "output_dir": str(out),
+        "output_name": "r", "seed": 1,
+    })
+    result = train(config, progress=False)
+    assert result.total_steps == 8
+    assert sorted(p.name for p in out.glob("r*")) == ["r-000002.safetensors", "r-state", "r.safetensors"]
+    assert sorted(p.name for p in (out / "sample").glob("*_grid.png")) == ["r_000003_grid.png", "r_000006_grid.png"]
+
+
+def test_network_weights_load_into_the_configured_network_and_dim_from_weights_takes_the_files(
+        tiny_model_dir, tmp_path):
+    """sd-scripts: network_weights fill the network the arguments build (a different dim is an error);
+    dim_from_weights builds it from the file; base_weights are baked into the model first."""
+    data = make_dataset(tmp_path / "train")
+    base = {"pretrained_model_name_or_path": str(tiny_model_dir), "train_data_dir": str(data), "resolution": "64",
+            "caption_extension": ".txt", "network_dim": 4, "network_alpha": 2, "unet_lr": 1e-3,
+            "optimizer_type": "AdamW", "max_train_epochs": 1, "train_batch_size": 4, "output_dir": str(tmp_path),
+            "seed": 1}
+    first = train(load_config(overrides={**base, "output_name": "first"}), progress=False).saved_files[-1]
+    again = train(load_config(overrides={**base, "output_name": "again", "network_weights": str(first)}),
+                  progress=False)
+    assert again.history.losses[0] != pytest.approx(0) and again.saved_files
+    with pytest.raises(TrainingError, match="first.safetensors: .* has shape .*dim_from_weights = true"):
+        train(load_config(overrides={**base, "output_name": "wider", "network_weights": str(first),
+                                     "network_dim": 8}), progress=False)
+    wide = train(load_config(overrides={**base, "output_name": "fromfile", "network_weights": str(first),
+                                        "network_dim": 8, "dim_from_weights": True}), progress=False)
+    with safe_open(str(wide.saved_files[-1]), "pt") as handle:  # rank 4, from the file (ss_network_dim says 8:
+        downs = [handle.get_tensor(key) for key in handle.keys() if key.endswith("lora_down.weight")]  # sd-scripts
+    assert downs and {down.shape[0] for down in downs} == {4}  # writes the argument as given)
+    merged = train(load_config(overrides={**base, "output_name": "merged", "base_weights": [str(first)],
+                                          "base_weights_multiplier": [0.5]}), progress=False)
+    assert merged.saved_files

@@ -104,9 +104,11 @@ class BucketedDataset:
         rng.shuffle(batches)
         return batches
 
-    def caption(self, index: int, rng: random.Random, epoch: int) -> str:
+    def caption(self, index: int, rng: random.Random, epoch: int, step: int = 0, max_train_steps: int = 0) -> str:
+        """The item's caption at ``epoch`` after ``step`` optimizer steps (sd-scripts' current epoch and step, which
+        caption dropout every N epochs and token warmup read); ``max_train_steps`` for a fractional warmup."""
         item = self.items[index]
-        return process_caption(item.record.caption, item.record.subset, rng, epoch)
+        return process_caption(item.record.caption, item.record.subset, rng, epoch, step, max_train_steps)
 
     def pixels(self, index: int, flip: bool = False, rng: random.Random | None = None) -> torch.Tensor:
         """The image resized and cropped to its bucket, as a 3xHxW float tensor in [-1, 1]; mirrored if ``flip``,

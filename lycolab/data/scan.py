@@ -38,24 +38,27 @@ def list_images(directory: str | Path) -> list[Path]:
 
 
 def parse_repeat_folder(name: str) -> tuple[int, str] | None:
-    """``"10_sks dog"`` → ``(10, "sks dog")``; None when the name has no repeat prefix."""
+    """``"10_sks dog"`` → ``(10, "sks dog")``; None when the name has no repeat prefix. Underscores after the first
+    stay (``"10_my_char"`` → ``"my_char"``), as sd-scripts' ``extract_dreambooth_params`` keeps them."""
     match = _REPEAT_FOLDER.match(name)
     if not match:
         return None
-    return int(match.group(1)), match.group(2).replace("_", " ")
+    return int(match.group(1)), match.group(2)
 
 
-def discover_subsets(root: str | Path, default_repeats: int | None = 1, class_tokens: str | None = None) -> list[
-    SubsetConfig
-]:
-    """One subset per folder holding images: the root itself and every subfolder, at any depth.
+def discover_subsets(root: str | Path, default_repeats: int | None = 1, class_tokens: str | None = None,
+                     recursive: bool = True) -> list[SubsetConfig]:
+    """One subset per folder holding images: the root itself and every subfolder, at any depth (the notebooks'
+    convenience), or with ``recursive=False`` only the root's own subfolders, as sd-scripts scans
+    ``train_data_dir``.
 
     A folder named ``N_name`` repeats N times with class tokens "name" (sd-scripts' DreamBooth convention). Other
     folders use ``default_repeats``; with ``default_repeats=None`` they are skipped with a warning, as sd-scripts
     does for ``train_data_dir`` without a dataset config.
     """
     root = Path(root)
-    folders = [root] + sorted(path for path in root.rglob("*") if path.is_dir())
+    below = root.rglob("*") if recursive else root.iterdir()
+    folders = [root] + sorted(path for path in below if path.is_dir())
     subsets = []
     for folder in folders:
         if not list_images(folder):
@@ -78,7 +81,8 @@ def caption_suffix(caption_extension: str) -> str:
 
 
 def read_caption(image_path: Path, subset: SubsetConfig) -> str | None:
-    """The first line of the caption file beside the image (``caption_extension``), or None when there is none.
+    """The first line of the caption file beside the image (``caption_extension``), or None when there is none;
+    with ``enable_wildcard`` all its non-blank lines, stripped, joined by "\\n" (sd-scripts' ``read_caption``).
 
     Any bytes give a caption: a UTF-8 byte-order mark (Windows Notepad) is dropped, invalid UTF-8 becomes U+FFFD and
     NUL characters are removed. A caption file that cannot be read at all raises :class:`UnreadableImage` for the
@@ -92,6 +96,8 @@ def read_caption(image_path: Path, subset: SubsetConfig) -> str | None:
     except OSError as error:
         raise UnreadableImage(f"{image_path}: its caption file {caption_path.name} cannot be read "
                               f"({error.strerror or error}); fix its permissions or delete it") from None
+    if subset.enable_wildcard:  # read_text made every line end "\n"; process_caption picks one line each time
+        return "\n".join(line.strip() for line in text.split("\n") if line.strip())
     return text.splitlines()[0].strip() if text else ""
 
 

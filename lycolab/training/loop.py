@@ -26,17 +26,27 @@ from lycolab.models.load import StableDiffusionParts, load_stable_diffusion
 from lycolab.models.text import encode_prompts
 from lycolab.networks import AdapterNetwork, create_network, load_network
 from lycolab.networks.args import network_kwargs
+from lycolab.networks.io import save_adapter_file
 from lycolab.networks.merged_weight import WORKSPACE
 from lycolab.training import checkpoints, distributed
 from lycolab.training.callbacks import TrainingCallback
 from lycolab.training.history import LossHistory
 from lycolab.training.latent_cache import LatentCache, encode_latents
 from lycolab.training.logs import TrainingLog
-from lycolab.training.loss import batch_noise, min_snr_weights, per_sample_mse, training_target
-from lycolab.training.metadata import training_metadata
-from lycolab.training.optim import build_optimizer, parse_optimizer_args
+from lycolab.training.loss import (
+    BatchNoise,
+    draw_batch_noise,
+    huber_threshold,
+    noisy_latents,
+    per_sample_loss,
+    prepare_noise_scheduler,
+    training_target,
+    weighted_loss,
+)
+from lycolab.training.metadata import optimizer_metadata, save_metadata, training_metadata
+from lycolab.training.optim import build_optimizer
 from lycolab.training.sampling import SamplePrompt, generate_samples, make_grid, read_prompt_file
-from lycolab.training.schedule import build_lr_scheduler
+from lycolab.training.schedule import lr_scheduler_for
 from lycolab.training.seeds import python_rng, torch_generator
 from lycolab.training.state import StateError, TrainingState, load_state, pack, resume_folder, save_state, unpack
 from lycolab.training.state import state_dir_name as state_name
@@ -108,14 +118,53 @@ def _make_accelerator(config: TrainConfig):
     return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
 
 
+def _merge_base_weights(config: TrainConfig, parts: StableDiffusionParts) -> None:
+    """sd-scripts' ``base_weights``: adapters baked into the frozen model at their multipliers (default 1) before
+    the trained network wraps it, so training learns a difference on top of them."""
+    from lycolab.networks.merge import merge_files
+
+    multipliers = [float(value) for value in config.base_weights_multiplier or []]
+    pairs = [(path, multipliers[index] if index < len(multipliers) else 1.0)
+             for index, path in enumerate(config.base_weights or [])]
+    merge_files(parts.unet, [parts.text_encoder], pairs)
+    logger.info("all weights merged: %s", ", ".join(Path(path).name for path, _ in pairs))
+
+
 def _build_network(config: TrainConfig, parts: StableDiffusionParts, train_text_encoder: bool) -> AdapterNetwork:
+    """The network the arguments describe, as sd-scripts builds it: ``network_weights`` are loaded into it (its
+    dims and dropouts kept; a shape that differs is an error), and with ``dim_from_weights`` the network is built
+    from the file instead."""
     text_encoders = [parts.text_encoder] if train_text_encoder else []
     unet = None if config.network_train_text_encoder_only else parts.unet
-    if config.network_weights:
+    if config.base_weights:
+        _merge_base_weights(config, parts)
+    if config.dim_from_weights:
         return load_network(config.network_weights, unet, text_encoders)
     kwargs = network_kwargs(config.network_module, config.network_dim, config.network_alpha,
                             network_args_dict(config), config.network_dropout)
-    return create_network(unet, text_encoders, **kwargs)
+    network = create_network(unet, text_encoders, **kwargs)
+    if config.network_weights:
+        _load_weights_into(network, config.network_weights)
+    return network
+
+
+def _load_weights_into(network: AdapterNetwork, path: str) -> None:
+    from lycolab.networks.io import read_adapter_file
+
+    tensors, _ = read_adapter_file(path)
+    own = network.state_dict()
+    different = [key for key, value in tensors.items() if key in own and own[key].shape != value.shape]
+    if different:
+        key = different[0]
+        raise TrainingError(f"network_weights {Path(path).name}: {key} has shape {tuple(tensors[key].shape)}, this "
+                            f"network's is {tuple(own[key].shape)}; use the network_dim / conv_dim it was trained "
+                            "with, or dim_from_weights = true")
+    usable = {key: value.to(own[key].dtype) for key, value in tensors.items() if key in own}
+    network.load_state_dict(usable, strict=False)
+    missing, unexpected = len(own) - len(usable), len(tensors) - len(usable)
+    logger.info("loaded network_weights %s: %d tensors%s%s", Path(path).name, len(usable),
+                f", {missing} of this network's not in the file (kept as initialised)" if missing else "",
+                f", {unexpected} in the file not in this network (left out)" if unexpected else "")
 
 
 def _freeze(parts: StableDiffusionParts, device: torch.device, weight_dtype: torch.dtype) -> None:
@@ -232,8 +281,10 @@ class Trainer:
         if len(self.dataset) == 0:
             raise TrainingError("no usable images in the dataset; check image_dir and the skipped-file warnings")
         self.plan = plan_run(config, self.dataset, self.world)
+        if config.save_n_epoch_ratio:  # sd-scripts: about that many epoch saves over the run
+            config.save_every_n_epochs = math.floor(self.plan.epochs / config.save_n_epoch_ratio) or 1
         self.sample_prompts = self._read_sample_prompts()
-        self.metadata = training_metadata(config, self.dataset)
+        self.metadata = training_metadata(config, self.dataset, self.plan, self.world)
         self.metadata["ss_seed"] = str(self.seed)
 
     def _prepare_models(self) -> None:
@@ -243,6 +294,7 @@ class Trainer:
         device = self.accelerator.device if config.lowram else None
         self.parts = load_stable_diffusion(config.pretrained_model_name_or_path, config.vae,
                                            config.v_parameterization, config.model_config, device, self.weight_dtype)
+        prepare_noise_scheduler(self.parts.noise_scheduler, config.zero_terminal_snr)
         _freeze(self.parts, self.accelerator.device, self.weight_dtype)
         _enable_attention(config, self.parts.unet)
         self.train_text_encoder = not config.network_train_unet_only
@@ -260,14 +312,8 @@ class Trainer:
         self.group_names = [group["name"] for group in groups]
         choice = build_optimizer(config.optimizer_type, groups, config.learning_rate, config.optimizer_args)
         self.optimizer_name = choice.name
-        optimizer_class = type(choice.optimizer)
-        arguments = ",".join(f"{key}={value}" for key, value in parse_optimizer_args(config.optimizer_args).items())
-        self.metadata["ss_optimizer"] = f"{optimizer_class.__module__}.{optimizer_class.__name__}({arguments})"
-        scheduler_name = choice.forced_scheduler or config.lr_scheduler
-        self.lr_scheduler = build_lr_scheduler(scheduler_name, choice.optimizer, config.lr_warmup_steps,
-                                               self.plan.total_steps, config.lr_scheduler_num_cycles,
-                                               config.lr_scheduler_power, config.learning_rate)
-        self.metadata["ss_lr_scheduler"] = scheduler_name
+        self.metadata.update(optimizer_metadata(config, choice))
+        self.lr_scheduler = lr_scheduler_for(config, choice, self.plan.total_steps)
         self.optimizer = self.accelerator.prepare(choice.optimizer)
 
     def _prepare_latent_cache(self) -> None:
@@ -351,40 +397,56 @@ class Trainer:
         with torch.no_grad():
             return encode_latents(self.parts.vae, torch.stack(pixels).to(device), generators).float()
 
-    def loss_sum(self, indices: list[int], positions: range, epoch: int, batch_index: int,
-                 noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    def loss_sum(self, indices: list[int], positions: range, epoch: int, batch_index: int, draws: BatchNoise
+                 ) -> torch.Tensor:
         """Sum of this process's per-sample losses (weighted) for its share of one global batch."""
         config, parts, device = self.config, self.parts, self.accelerator.device
         rngs = [python_rng(self.seed, epoch, batch_index, slot) for slot in positions]
         latents = self.batch_latents(indices, positions, rngs, epoch, batch_index)
-        captions = [self.dataset.caption(i, rng, epoch) for i, rng in zip(indices, rngs, strict=True)]
+        captions = [self.dataset.caption(i, rng, epoch, self.position[0], self.plan.total_steps)  # sd-scripts' step
+                    for i, rng in zip(indices, rngs, strict=True)]
         with torch.set_grad_enabled(self.train_text_encoder), self.accelerator.autocast():
             conditioning = encode_prompts(parts.text_encoder, parts.tokenizer, captions, config.clip_skip,
                                           config.max_token_length, device)
-        noise, timesteps = noise.to(device), timesteps.to(device)
-        noisy = parts.noise_scheduler.add_noise(latents, noise, timesteps)
+        share = slice(positions.start, positions.stop)
+        means = self.latent_means(latents, positions, len(draws.timesteps)) if draws.needs_latent_means else None
+        noise, timesteps = draws.noise(means)[share].to(device), draws.timesteps[share].to(device)
+        perturbation = draws.perturbation[share].to(device) if draws.perturbation is not None else None
+        noisy = noisy_latents(parts.noise_scheduler, latents, noise, timesteps, perturbation)
         with self.accelerator.autocast():
             prediction = parts.unet(noisy.to(self.weight_dtype), timesteps, conditioning.to(self.weight_dtype)).sample
-        per_sample = per_sample_mse(prediction, training_target(parts.noise_scheduler, latents, noise, timesteps))
+        target = training_target(parts.noise_scheduler, latents, noise, timesteps)
+        per_sample = per_sample_loss(prediction, target, config.loss_type,
+                                     huber_threshold(config, parts.noise_scheduler, timesteps))
         weights = torch.tensor([config.prior_loss_weight if self.dataset.items[i].record.is_reg else 1.0
                                 for i in indices], device=device)
-        if config.min_snr_gamma:
-            weights = weights * min_snr_weights(parts.noise_scheduler, timesteps, config.min_snr_gamma)
-        return (per_sample * weights).sum()
+        return weighted_loss(per_sample * weights, timesteps, parts.noise_scheduler, config).sum()
+
+    def latent_means(self, latents: torch.Tensor | None, positions: range, batch_size: int) -> torch.Tensor:
+        """The channel means of the global batch's latents, for adaptive_noise_scale. Multires noise is normalised
+        over the whole batch, so with several processes each fills in its share and a sum gathers them (x + 0 is
+        exact); a process with an empty share adds zeros."""
+        channels = self.parts.unet.config.in_channels
+        means = torch.zeros((batch_size, channels, 1, 1), device=self.accelerator.device)
+        if latents is not None:
+            means[positions.start:positions.stop] = latents.mean(dim=(2, 3), keepdim=True)
+        if self.config.multires_noise_iterations and distributed.is_distributed():
+            torch.distributed.all_reduce(means)
+        return means.cpu()
 
     def micro_step(self, batch: list[int], epoch: int, batch_index: int) -> torch.Tensor:
         """Forward and backward for this process's share of one global batch; returns its loss share."""
         item = self.dataset.items[batch[0]]
         width, height = item.bucket.bucket_resolution
         channels = self.parts.unet.config.in_channels
-        noise, timesteps = batch_noise((len(batch), channels, height // 8, width // 8),
-                                       self.parts.noise_scheduler.config.num_train_timesteps,
-                                       torch_generator(self.seed, epoch, batch_index), self.config.noise_offset)
+        draws = draw_batch_noise(self.config, (len(batch), channels, height // 8, width // 8),
+                                 self.parts.noise_scheduler.config.num_train_timesteps, self.seed, epoch, batch_index)
         indices, positions = distributed.share(batch, self.rank, self.world)
         if not indices:
+            if draws.needs_latent_means:
+                self.latent_means(None, positions, len(batch))  # the other processes wait for its zeros
             return torch.zeros((), device=self.accelerator.device)
-        sl = slice(positions.start, positions.stop)
-        loss = self.loss_sum(indices, positions, epoch, batch_index, noise[sl], timesteps[sl]) / len(batch)
+        loss = self.loss_sum(indices, positions, epoch, batch_index, draws) / len(batch)
         self.accelerator.backward(loss / self.config.gradient_accumulation_steps)
         return loss.detach()
 
@@ -448,7 +510,8 @@ class Trainer:
                 if self.config.save_last_n_steps or self.config.save_last_n_steps_state:
                     checkpoints.prune_steps(self.config.output_dir, self.name, step, self.config.save_last_n_steps,
                                             self.config.save_last_n_steps_state)
-            if self._due(self.config.sample_every_n_steps, step):
+            # sd-scripts ignores sample_every_n_steps when sample_every_n_epochs is set
+            if not self.config.sample_every_n_epochs and self._due(self.config.sample_every_n_steps, step):
                 self.sample(f"{self.name}_{step:06d}")
 
     @staticmethod
@@ -462,21 +525,20 @@ class Trainer:
             if value.is_floating_point() and not torch.isfinite(value).all():
                 raise TrainingError(f"the adapter weight {key} is not finite at step {step}; not saving over the "
                                     "last good file. Lower the learning rate or use mixed_precision bf16/no")
-        metadata = {} if self.config.no_metadata else {
-            **self.metadata, "ss_epoch": str(epoch), "ss_steps": str(step), "ss_num_epochs": str(self.plan.epochs),
-            "ss_training_finished_at": str(time.time()),
-        }
-        saved = self.network.save_weights(path, SAVE_DTYPES[self.config.save_precision], metadata)
+        metadata = save_metadata(self.config, self.metadata, epoch, step)
+        # the run's metadata is sd-scripts' whole key set; save_weights would add the network's own defaults
+        saved = save_adapter_file(self.network.state_dict(), path, metadata, SAVE_DTYPES[self.config.save_precision])
         logger.info("saved %s", saved)
         self.result.saved_files.append(saved)
         return saved
 
-    def checkpoint(self, path: Path, state_folder: str, epoch: int) -> None:
-        """An adapter file, and with ``save_state`` its state folder (the file first: the state says it exists)."""
+    def checkpoint(self, path: Path, state_folder: str, epoch: int, final: bool = False) -> None:
+        """An adapter file, and with ``save_state`` its state folder (the file first: the state says it exists);
+        ``save_state_on_train_end`` adds the state of the final save only, as in sd-scripts."""
         if not self.is_main:
             return
         saved = [self.save(path, epoch)]
-        if self.config.save_state:
+        if self.config.save_state or (final and self.config.save_state_on_train_end):
             folder = save_state(Path(self.config.output_dir) / state_folder, self.capture_state())
             self.result.state_dirs.append(folder)
             saved.append(folder)
@@ -585,8 +647,9 @@ class Trainer:
         if not self.is_main:
             return
         self.checkpoint(checkpoints.final_file(self.config.output_dir, self.name), state_name(self.name),
-                        self.result.epochs)
-        self.sample(f"{self.name}_e{self.result.epochs:06d}")
+                        self.result.epochs, final=True)
+        if self._due(self.config.sample_every_n_epochs, self.result.epochs):  # sd-scripts: the last epoch's round
+            self.sample(f"{self.name}_e{self.result.epochs:06d}")
         log_dir = Path(self.config.logging_dir or self.config.output_dir)
         self.result.loss_plot = self.result.history.plot(log_dir / f"{self.config.log_prefix or ''}loss.png",
                                                          title=f"{self.config.output_name or 'training'} loss")

@@ -1,8 +1,9 @@
-"""Optimizers by sd-scripts' ``optimizer_type`` name, built from the package each one comes from.
+"""Optimizers by sd-scripts' ``optimizer_type`` name, built as its ``get_optimizer`` (library/train_util.py) does.
 
-Names are matched case-insensitively, as sd-scripts does. ``module.ClassName`` (e.g. ``torch.optim.RAdam``) builds any
-other optimizer. The bitsandbytes 8-bit optimizers need a CUDA GPU: elsewhere they fall back to the 32-bit optimizer
-of the same family with a warning, and the optimizer actually used is what the metadata records.
+Names are matched case-insensitively, as sd-scripts does; any other name is a class: ``module.ClassName`` (e.g.
+``bitsandbytes.optim.AdEMAMix8bit``) or, without a dot, a ``torch.optim`` class (``RAdam``, case as written). The
+bitsandbytes optimizers need a CUDA GPU: elsewhere they fall back to the 32-bit optimizer of the same family with a
+warning, and the optimizer actually used is what the metadata records.
 """
 
 from __future__ import annotations
@@ -21,11 +22,18 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class OptimizerChoice:
-    """The optimizer that was built and the learning-rate schedule it forces (AdaFactor's relative step)."""
+    """The optimizer that was built, what the metadata records, and what it asks of the loop.
+
+    ``forced_scheduler`` is AdaFactor's own schedule (relative step); ``schedule_free`` optimizers schedule themselves
+    (the loop gets a schedule that does nothing) and need ``train()`` before stepping and ``eval()`` before their
+    weights are saved or sampled from, as sd-scripts' train_network.py calls them.
+    """
 
     optimizer: torch.optim.Optimizer
     name: str
     forced_scheduler: str | None = None
+    ss_optimizer: str = ""
+    schedule_free: bool = False
 
 
 def parse_optimizer_args(items: list[str]) -> dict[str, object]:
@@ -62,11 +70,16 @@ def _literal(text: str) -> object:
     return text
 
 
-def _import(module: str, package: str):
+def is_schedule_free(optimizer_type: str) -> bool:
+    """sd-scripts' ``is_schedulefree_optimizer``: decided by the name (dotted ones too), not by the class."""
+    return optimizer_type.lower().endswith("schedulefree")
+
+
+def _import(module: str, package: str, name: str):
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise ConfigError(f"this optimizer needs the {package} package: pip install {package}") from None
+        raise ConfigError(f"optimizer_type {name} needs the {package} package: pip install {package}") from None
 
 
 def _bitsandbytes(name: str, fallback: str):
@@ -84,38 +97,51 @@ def _bitsandbytes(name: str, fallback: str):
     return bitsandbytes
 
 
-def _adamw(groups, lr, kwargs):
+# Each builder takes (parameter groups, lr, kwargs, name) and may add sd-scripts' defaults to kwargs, which the
+# metadata then records as sd-scripts does (SGDNesterov's momentum=0.9).
+def _adamw(groups, lr, kwargs, name):
     return torch.optim.AdamW(groups, lr=lr, **kwargs)
 
 
-def _sgd_nesterov(groups, lr, kwargs):
-    kwargs.setdefault("momentum", 0.9)
+def _sgd_nesterov(groups, lr, kwargs, name):
+    kwargs.setdefault("momentum", 0.9)  # torch's Nesterov needs momentum
     return torch.optim.SGD(groups, lr=lr, nesterov=True, **kwargs)
 
 
-def _lion(groups, lr, kwargs):
-    return _import("lion_pytorch", "lion-pytorch").Lion(groups, lr=lr, **kwargs)
+def _lion(groups, lr, kwargs, name):
+    return _import("lion_pytorch", "lion-pytorch", name).Lion(groups, lr=lr, **kwargs)
 
 
-def _eight_bit(class_name: str, fallback: Callable, fallback_name: str, extra: dict | None = None) -> Callable:
+def _bnb(class_name: str, fallback: Callable, fallback_name: str, momentum: bool = False) -> Callable:
+    """A bitsandbytes optimizer on CUDA, else ``fallback`` (its 32-bit family). SGDNesterov8bit is bitsandbytes'
+    SGD8bit with momentum 0.9 unless given; bitsandbytes takes ``nesterov`` but ignores it, so it is plain momentum
+    SGD on the GPU, as in sd-scripts (which builds it a second time without ``nesterov=True``)."""
     def build(groups, lr, kwargs, name):
+        if momentum:
+            kwargs.setdefault("momentum", 0.9)
         bnb = _bitsandbytes(name, fallback_name)
         if bnb is None:
-            return fallback(groups, lr, kwargs), fallback_name
-        return getattr(bnb.optim, class_name)(groups, lr=lr, **(extra or {}), **kwargs), name
+            return fallback(groups, lr, kwargs, fallback_name), fallback_name
+        return getattr(bnb.optim, class_name)(groups, lr=lr, **kwargs), name
     return build
 
 
-def _dadaptation(class_name: str) -> Callable:
-    def build(groups, lr, kwargs):
-        groups = _one_learning_rate(class_name, groups, lr)
-        return getattr(_import("dadaptation", "dadaptation"), class_name)(groups, lr=lr, **kwargs)
+def _dadaptation(module: str, class_name: str) -> Callable:
+    def build(groups, lr, kwargs, name):
+        groups = _one_learning_rate(name, groups, lr)
+        return getattr(_import(module, "dadaptation", name), class_name)(groups, lr=lr, **kwargs)
     return build
 
 
-def _prodigy(groups, lr, kwargs):
+def _prodigy(groups, lr, kwargs, name):
     groups = _one_learning_rate("Prodigy", groups, lr)
-    return _import("prodigyopt", "prodigyopt").Prodigy(groups, lr=lr, **kwargs)
+    return _import("prodigyopt", "prodigyopt", name).Prodigy(groups, lr=lr, **kwargs)
+
+
+def _schedule_free(class_name: str) -> Callable:
+    def build(groups, lr, kwargs, name):
+        return getattr(_import("schedulefree", "schedulefree", name), class_name)(groups, lr=lr, **kwargs)
+    return build
 
 
 def _one_learning_rate(name: str, groups: list[dict], lr: float) -> list[dict]:
@@ -132,72 +158,111 @@ def _one_learning_rate(name: str, groups: list[dict], lr: float) -> list[dict]:
     return [{**group, "lr": first} for group in groups]
 
 
-# sd-scripts' names (lower-cased) → builder(groups, lr, kwargs).
+# sd-scripts' names (lower-cased) → (its spelling, builder). DAdaptation is DAdaptAdamPreprint there.
 PLAIN_OPTIMIZERS: dict[str, tuple[str, Callable]] = {
     "adamw": ("AdamW", _adamw),
     "sgdnesterov": ("SGDNesterov", _sgd_nesterov),
     "lion": ("Lion", _lion),
-    "dadaptation": ("DAdaptation", _dadaptation("DAdaptAdam")),
-    "dadaptadam": ("DAdaptAdam", _dadaptation("DAdaptAdam")),
-    "dadaptadagrad": ("DAdaptAdaGrad", _dadaptation("DAdaptAdaGrad")),
-    "dadaptadan": ("DAdaptAdan", _dadaptation("DAdaptAdan")),
-    "dadaptlion": ("DAdaptLion", _dadaptation("DAdaptLion")),
-    "dadaptsgd": ("DAdaptSGD", _dadaptation("DAdaptSGD")),
+    "dadaptation": ("DAdaptation", _dadaptation("dadaptation.experimental", "DAdaptAdamPreprint")),
+    "dadaptadampreprint": ("DAdaptAdamPreprint", _dadaptation("dadaptation.experimental", "DAdaptAdamPreprint")),
+    "dadaptadam": ("DAdaptAdam", _dadaptation("dadaptation", "DAdaptAdam")),
+    "dadaptadagrad": ("DAdaptAdaGrad", _dadaptation("dadaptation", "DAdaptAdaGrad")),
+    "dadaptadan": ("DAdaptAdan", _dadaptation("dadaptation", "DAdaptAdan")),
+    "dadaptadanip": ("DAdaptAdanIP", _dadaptation("dadaptation.experimental", "DAdaptAdanIP")),
+    "dadaptlion": ("DAdaptLion", _dadaptation("dadaptation", "DAdaptLion")),
+    "dadaptsgd": ("DAdaptSGD", _dadaptation("dadaptation", "DAdaptSGD")),
     "prodigy": ("Prodigy", _prodigy),
+    "radamschedulefree": ("RAdamScheduleFree", _schedule_free("RAdamScheduleFree")),
+    "adamwschedulefree": ("AdamWScheduleFree", _schedule_free("AdamWScheduleFree")),
+    "sgdschedulefree": ("SGDScheduleFree", _schedule_free("SGDScheduleFree")),
 }
-EIGHT_BIT_OPTIMIZERS: dict[str, tuple[str, Callable]] = {
-    "adamw8bit": ("AdamW8bit", _eight_bit("AdamW8bit", _adamw, "AdamW")),
-    "pagedadamw8bit": ("PagedAdamW8bit", _eight_bit("PagedAdamW8bit", _adamw, "AdamW")),
-    "lion8bit": ("Lion8bit", _eight_bit("Lion8bit", _lion, "Lion")),
-    "pagedlion8bit": ("PagedLion8bit", _eight_bit("PagedLion8bit", _lion, "Lion")),
-    "sgdnesterov8bit": ("SGDNesterov8bit", _eight_bit("SGD8bit", _sgd_nesterov, "SGDNesterov",
-                                                       {"momentum": 0.9, "nesterov": True})),
+BITSANDBYTES_OPTIMIZERS: dict[str, tuple[str, Callable]] = {
+    "adamw8bit": ("AdamW8bit", _bnb("AdamW8bit", _adamw, "AdamW")),
+    "pagedadamw": ("PagedAdamW", _bnb("PagedAdamW", _adamw, "AdamW")),
+    "pagedadamw8bit": ("PagedAdamW8bit", _bnb("PagedAdamW8bit", _adamw, "AdamW")),
+    "pagedadamw32bit": ("PagedAdamW32bit", _bnb("PagedAdamW32bit", _adamw, "AdamW")),
+    "lion8bit": ("Lion8bit", _bnb("Lion8bit", _lion, "Lion")),
+    "pagedlion8bit": ("PagedLion8bit", _bnb("PagedLion8bit", _lion, "Lion")),
+    "sgdnesterov8bit": ("SGDNesterov8bit", _bnb("SGD8bit", _sgd_nesterov, "SGDNesterov", momentum=True)),
 }
-OPTIMIZER_NAMES = tuple(name for name, _ in (*PLAIN_OPTIMIZERS.values(), *EIGHT_BIT_OPTIMIZERS.values())) + (
+EIGHT_BIT_OPTIMIZERS = BITSANDBYTES_OPTIMIZERS  # the older name
+OPTIMIZER_NAMES = tuple(name for name, _ in (*PLAIN_OPTIMIZERS.values(), *BITSANDBYTES_OPTIMIZERS.values())) + (
     "AdaFactor",)
 
 
 def build_optimizer(optimizer_type: str, parameter_groups: list[dict], learning_rate: float, optimizer_args: list[str]
                     ) -> OptimizerChoice:
-    """The optimizer sd-scripts would build for this name, with ``optimizer_args`` as keyword arguments."""
+    """The optimizer sd-scripts would build for this name, with ``optimizer_args`` as keyword arguments.
+
+    As in sd-scripts, an optimizer with a ``train()`` method (the ScheduleFree ones) is put in train mode here.
+    """
     name = optimizer_type or "AdamW"
     kwargs = parse_optimizer_args(optimizer_args)
     lowered = name.lower()
+    forced = None
     try:
         if lowered in PLAIN_OPTIMIZERS:
-            canonical, build = PLAIN_OPTIMIZERS[lowered]
-            return OptimizerChoice(build(parameter_groups, learning_rate, kwargs), canonical)
-        if lowered in EIGHT_BIT_OPTIMIZERS:
-            canonical, build = EIGHT_BIT_OPTIMIZERS[lowered]
+            used, build = PLAIN_OPTIMIZERS[lowered]
+            optimizer = build(parameter_groups, learning_rate, kwargs, used)
+        elif lowered in BITSANDBYTES_OPTIMIZERS:
+            canonical, build = BITSANDBYTES_OPTIMIZERS[lowered]
             optimizer, used = build(parameter_groups, learning_rate, kwargs, canonical)
-            return OptimizerChoice(optimizer, used)
-        if lowered == "adafactor":
-            return _adafactor(parameter_groups, learning_rate, kwargs)
-        if "." in name:
-            return OptimizerChoice(_dotted(name)(parameter_groups, lr=learning_rate, **kwargs), name)
+        elif lowered == "adafactor":
+            optimizer, used = _adafactor(parameter_groups, learning_rate, kwargs), "AdaFactor"
+            forced = "adafactor" if kwargs["relative_step"] else None
+        else:
+            optimizer, used = _any_class(name)(parameter_groups, lr=learning_rate, **kwargs), name
     except TypeError as error:  # an optimizer_args key the optimizer does not take
         raise ConfigError(f"optimizer_args do not fit {name}: {error}") from None
-    raise ConfigError(f"optimizer_type {name!r} is not known; use one of {', '.join(OPTIMIZER_NAMES)} "
-                      "or a full class name such as torch.optim.RAdam")
+    if callable(getattr(optimizer, "train", None)):
+        optimizer.train()
+    return OptimizerChoice(optimizer, used, forced, _ss_optimizer(optimizer, kwargs), is_schedule_free(name))
 
 
-def _adafactor(groups: list[dict], lr: float, kwargs: dict) -> OptimizerChoice:
-    """transformers' Adafactor with sd-scripts' defaults: relative step on, which brings its own schedule."""
+def _ss_optimizer(optimizer: torch.optim.Optimizer, kwargs: dict[str, object]) -> str:
+    """sd-scripts' ``ss_optimizer``: the class's module and name, and the keyword arguments after its defaults."""
+    kind = type(optimizer)
+    arguments = ",".join(f"{key}={value}" for key, value in kwargs.items())
+    return f"{kind.__module__}.{kind.__name__}" + (f"({arguments})" if arguments else "")
+
+
+def _adafactor(groups: list[dict], lr: float, kwargs: dict) -> torch.optim.Optimizer:
+    """transformers' Adafactor as sd-scripts sets it up: relative step on unless turned off (and back on with
+    warmup_init); with it, Adafactor finds its own step size, every group's lr is dropped, and the schedule is
+    AdaFactor's own, reporting ``learning_rate`` until the first step."""
     from transformers.optimization import Adafactor
 
-    for key, value in (("relative_step", True), ("scale_parameter", True), ("warmup_init", False)):
-        kwargs.setdefault(key, value)
+    kwargs.setdefault("relative_step", True)
+    if not kwargs["relative_step"] and kwargs.get("warmup_init", False):
+        logger.info("AdaFactor: relative_step set to True because warmup_init is True")
+        kwargs["relative_step"] = True
     if not kwargs["relative_step"]:
-        return OptimizerChoice(Adafactor(groups, lr=lr, **kwargs), "AdaFactor")
+        return Adafactor(groups, lr=lr, **kwargs)
     logger.info("AdaFactor with relative_step finds its own learning rate; learning_rate %g is its initial lr, "
                 "and the lr_scheduler is adafactor", lr)
+    if any("lr" in group for group in groups):
+        logger.warning("AdaFactor with relative_step: unet_lr and text_encoder_lr are ignored")
     groups = [{key: value for key, value in group.items() if key != "lr"} for group in groups]
-    return OptimizerChoice(Adafactor(groups, lr=None, **kwargs), "AdaFactor", forced_scheduler="adafactor")
+    return Adafactor(groups, lr=None, **kwargs)
 
 
-def _dotted(name: str):
+def _any_class(name: str):
+    """``module.Class``, or a ``torch.optim`` class for a name without a dot (case as written), as sd-scripts."""
     module_name, _, class_name = name.rpartition(".")
+    if not module_name:
+        found = getattr(torch.optim, name, None)
+        if isinstance(found, type) and issubclass(found, torch.optim.Optimizer):
+            return found
+        hint = f" (a bitsandbytes one: bitsandbytes.optim.{name})" if name.lower().endswith("8bit") else ""
+        raise ConfigError(f"optimizer_type {name!r} is not known; use one of {', '.join(OPTIMIZER_NAMES)}, a "
+                          f"torch.optim class such as RAdam, or a full class name such as torch.optim.RAdam{hint}")
     try:
-        return getattr(importlib.import_module(module_name), class_name)
-    except (ImportError, AttributeError):
-        raise ConfigError(f"optimizer_type {name!r}: no class {class_name} in module {module_name}") from None
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ConfigError(f"optimizer_type {name!r}: module {module_name} cannot be imported ({error})") from None
+    except Exception as error:  # noqa: BLE001 - any module can fail to import; the key is named either way
+        raise ConfigError(f"optimizer_type {name!r}: importing {module_name} failed "
+                          f"({type(error).__name__}: {error})") from None
+    if not hasattr(module, class_name):
+        raise ConfigError(f"optimizer_type {name!r}: no class {class_name} in module {module_name}")
+    return getattr(module, class_name)
