@@ -142,10 +142,9 @@ def loaded_versions():
     versions = {}
     for module in loaded & set(owners):
         for name in owners[module]:
-            try:
-                versions[name] = importlib.metadata.version(name)
-            except importlib.metadata.PackageNotFoundError:
-                continue
+            version = _version_now(name)
+            if version is not None:
+                versions[name] = version
     return versions
 
 

@@ -103,15 +103,12 @@ def estimate(workspace: Workspace, unet_lr: str = "", text_encoder_lr: str = "",
 def run(workspace: Workspace, unet_lr: str = "", text_encoder_lr: str = "", num_epochs: str = "",
         resume: bool = True, train_on_cpu: bool = False, live: bool = True):
     """Train as configured in step 05; returns the TrainResult (files written, loss history)."""
-    from lycolab.config import load_config
     from lycolab.training import LiveDisplay, train
 
     overrides = _overrides(unet_lr, text_encoder_lr, num_epochs)
     config = _config(workspace, overrides)
     check_runtime(str(config.pretrained_model_name_or_path or ""), train_on_cpu)
-    folder = _resume_choice(config, resume)
-    if folder is not None:
-        config = load_config(workspace.config_file, overrides={**overrides, "resume": folder})
+    config.resume = _resume_choice(config, resume)  # a folder path: nothing to validate again
     return train(config, callbacks=[LiveDisplay()] if live else [])
 
 
