@@ -46,6 +46,22 @@ REFUSED_LR_SCHEDULERS = {
 }
 MAX_TOKEN_LENGTHS = (75, 150, 225)
 NETWORK_MODULES = ("networks.lora", "lycoris.kohya")
+# sd-scripts' sample_sampler names → the diffusers scheduler each one is
+SAMPLERS = {
+    "ddim": "DDIMScheduler",
+    "pndm": "PNDMScheduler",
+    "lms": "LMSDiscreteScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "heun": "HeunDiscreteScheduler",
+    "dpm_2": "KDPM2DiscreteScheduler",
+    "dpm_2_a": "KDPM2AncestralDiscreteScheduler",
+    "dpmsolver": "DPMSolverMultistepScheduler",
+    "dpmsolver++": "DPMSolverMultistepScheduler",
+    "dpmsingle": "DPMSolverSinglestepScheduler",
+}
+SAMPLER_ALIASES = {"k_lms": "lms", "k_euler": "euler", "k_euler_a": "euler_a", "k_dpm_2": "dpm_2",
+                   "k_dpm_2_a": "dpm_2_a", "euler a": "euler_a", "dpm++ 2m": "dpmsolver++"}
 ALGORITHMS = ("lora", "locon", "loha", "lokr")
 # Upper bounds that keep later code finite: bucket lists are enumerated step by step up to max_bucket_reso, and every
 # image's index is repeated num_repeats times per epoch. Both are far beyond what SD 1.x/2.x training uses.
@@ -146,6 +162,7 @@ class TrainConfig:
     optimizer_type: str = ""
     learning_rate: float = 2e-6
     max_grad_norm: float = 1.0
+    scale_weight_norms: float | None = None  # max-norm regularisation of each adapter's ΔW (0 / None: off)
     optimizer_args: list[str] = field(default_factory=list)
     lr_scheduler: str = "constant"
     lr_warmup_steps: int | float = 0  # steps, or a ratio (a float below 1) of the training steps
@@ -272,7 +289,8 @@ CONFIG_SECTIONS: dict[str, tuple[str, ...]] = {
         "metadata_merged_from", "metadata_trigger_phrase", "metadata_preprocessor", "metadata_is_negative_embedding",
     ),
     "optimizer_arguments": (
-        "optimizer_type", "learning_rate", "max_grad_norm", "optimizer_args", "lr_scheduler", "lr_warmup_steps",
+        "optimizer_type", "learning_rate", "max_grad_norm", "scale_weight_norms", "optimizer_args", "lr_scheduler",
+        "lr_warmup_steps",
         "lr_scheduler_num_cycles", "lr_scheduler_power",
         # optimizer and schedule options (sd-scripts)
         "use_8bit_adam", "use_lion_optimizer", "lr_scheduler_type", "lr_scheduler_args", "lr_decay_steps",
@@ -831,7 +849,8 @@ def validate_config(config: TrainConfig, source: str) -> None:
     """Reject values that cannot work, naming the key; run before anything slow happens."""
     _require(config.network_dim is None or config.network_dim >= 1, source,
              f"network_dim must be at least 1 (got {config.network_dim}); 8-32 is typical")
-    for key in ("network_alpha", "learning_rate", "unet_lr", "text_encoder_lr", "max_grad_norm", "lr_warmup_steps",
+    for key in ("network_alpha", "learning_rate", "unet_lr", "text_encoder_lr", "max_grad_norm", "scale_weight_norms",
+                "lr_warmup_steps",
                 "lr_scheduler_power", "prior_loss_weight", "max_data_loader_n_workers", "noise_offset"):
         value = getattr(config, key)
         _require(value is None or value >= 0, source, f"{key} must be >= 0 (got {value})")
@@ -869,10 +888,6 @@ def validate_config(config: TrainConfig, source: str) -> None:
              "TensorBoard events go to logging_dir")
     _require(config.log_with is None or config.logging_dir, source,
              "log_with = tensorboard needs logging_dir (as in sd-scripts): set logging_dir to a folder")
-    if config.max_data_loader_n_workers != 8 or config.persistent_data_loader_workers:
-        logger.info("%s: lycolab decodes images in the training process; max_data_loader_n_workers and "
-                    "persistent_data_loader_workers change only sd-scripts' loading speed, not what is trained, and "
-                    "have no effect here", source)
     if config.save_model_as in ("ckpt", "pt"):
         logger.warning("%s: save_model_as = %s: writing .safetensors instead (a pickle can run code when it is "
                        "loaded; A1111, ComfyUI and diffusers read .safetensors)", source, config.save_model_as)
@@ -889,6 +904,21 @@ def validate_config(config: TrainConfig, source: str) -> None:
                  f"min_snr_gamma must be > 0 (got {config.min_snr_gamma}); 5 is usual")
     _validate_noise_and_loss(config, source)
     _validate_optimizer_and_schedule(config, source)
+    _validate_sampler(config, source)
+
+
+def _validate_sampler(config: TrainConfig, source: str) -> None:
+    """A sampler is checked at load time, not at the first sample after an epoch of training."""
+    sampler = SAMPLER_ALIASES.get(config.sample_sampler.lower(), config.sample_sampler.lower())
+    _require(sampler in SAMPLERS, source, f"sample_sampler {shown(config.sample_sampler)} is not known; use one of "
+             f"{', '.join(SAMPLERS)} (or k_lms, k_euler, k_euler_a, k_dpm_2, k_dpm_2_a)")
+    sampling = config.sample_every_n_epochs or config.sample_every_n_steps or config.sample_at_first
+    if sampler == "lms" and sampling:
+        import importlib.util
+
+        _require(importlib.util.find_spec("scipy") is not None, source,
+                 f"sample_sampler {config.sample_sampler} needs scipy (diffusers' LMS sampler uses it): pip install "
+                 "scipy, or choose another sampler such as euler_a")
 
 
 # The keyword arguments sd-scripts' get_scheduler_fix passes each schedule itself (lr_scheduler_args may not repeat
@@ -916,10 +946,6 @@ def _validate_optimizer_and_schedule(config: TrainConfig, source: str) -> None:
     """What sd-scripts' get_optimizer and get_scheduler_fix would stop on, caught before a model loads; schedule
     keys that the chosen schedule does not use get a warning (sd-scripts ignores them)."""
     _old_optimizer_flags(config, source)
-    _require(not config.optimizer_type.lower().endswith("schedulefree"), source,
-             f"optimizer_type {plain(config.optimizer_type)} is not supported yet: lycolab does not switch a "
-             "ScheduleFree optimizer to its averaged weights before saving, so the files would hold the wrong "
-             "weights; use AdamW, Prodigy or another optimizer")
     for key in ("lr_warmup_steps", "lr_decay_steps"):
         value = getattr(config, key)
         _require(value >= 0, source, f"{key} must be >= 0 (got {value})")

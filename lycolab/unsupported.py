@@ -78,8 +78,6 @@ REFUSED_OPTIONS: dict[str, tuple[Any, str]] = {
     "resize_interpolation": (None, "images are shrunk with Lanczos and enlarged with bicubic, always"),
     "custom_attributes": (None, "custom subset attributes are not supported"),
     "network_multiplier": (1.0, "per-dataset network multipliers are not supported"),
-    "scale_weight_norms": (None, "max-norm regularization of the adapter is not implemented yet; lower the "
-                                 "learning rate or network_alpha instead"),
     "debug_dataset": (False, "lycolab check-dataset (notebook 03's doctor) shows what training will use"),
     "color_aug": (False, "it only shifts hue a little and rules out latent caching"),
     "face_crop_aug_range": (None, "it needs face positions in the file names"),

@@ -40,10 +40,10 @@ OTHER_WAYS = {
     "save_model_as": "always `.safetensors`; `ckpt`/`pt` write `.safetensors` and say so (a pickle can run code)",
     "use_8bit_adam": "sd-scripts' old flag: `optimizer_type = AdamW8bit` (`lycolab/config.py`)",
     "use_lion_optimizer": "sd-scripts' old flag: `optimizer_type = Lion` (`lycolab/config.py`)",
-    "max_data_loader_n_workers": "accepted with a note: images are decoded in the training process (workers only "
-                                 "change sd-scripts' loading speed, not the result); data loader workers are not "
-                                 "implemented yet",
-    "persistent_data_loader_workers": "accepted with a note, as `max_data_loader_n_workers`",
+    "max_data_loader_n_workers": "DataLoader worker processes read images ahead, at most one per CPU "
+                                 "(`lycolab/training/batch_loader.py`); the result is the same for any number",
+    "persistent_data_loader_workers": "one loader serves the whole run, so its workers always persist "
+                                      "(`lycolab/training/batch_loader.py`)",
     "no_half_vae": "the VAE always runs in float32 in lycolab (what the option asks for)",
     "log_with": "`tensorboard`: TensorBoard events in `logging_dir` (`lycolab/training/logs.py`); wandb is refused",
     "reg_data_dir": "its `N_name` folders become regularization subsets (`lycolab/config.py`)",

@@ -277,7 +277,8 @@ def _options_config(model: Path, dataset_config: Path, out: Path, **extra):
 def test_a_run_with_every_caption_option_trains_and_resumes_to_the_same_weights(tiny_model_dir, tmp_path,
                                                                                monkeypatch):
     dataset_config = _write_options_dataset(tmp_path)
-    config = _options_config(tiny_model_dir, dataset_config, tmp_path / "full")
+    # captions are recorded in this process (no loader workers); the resumed run reads with workers, and must match
+    config = _options_config(tiny_model_dir, dataset_config, tmp_path / "full", max_data_loader_n_workers=0)
     [subset] = config.datasets[0].subsets
     assert {key: getattr(subset, key) for key in ALL_OPTIONS} == ALL_OPTIONS
     seen: list[tuple[int, int, int, str]] = []

@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 
 from lycolab.config import load_config, write_config_file
 from lycolab.data.dataset import BucketedDataset
+from lycolab.training.batch_loader import BatchInputs
 from lycolab.training.loop import Trainer, plan_run
 
 WORLD = 2
@@ -37,11 +38,12 @@ class EveryShareInTurn(Trainer):
         self.world = WORLD  # global batches of train_batch_size x WORLD images, planned as the processes plan them
         super()._prepare_data()
 
-    def micro_step(self, batch: list[int], epoch: int, batch_index: int) -> torch.Tensor:
+    def micro_step(self, inputs: BatchInputs) -> torch.Tensor:
         loss = torch.zeros(())
         for rank in range(WORLD):
             self.rank = rank
-            loss = loss + super().micro_step(batch, epoch, batch_index)  # the all-reduce's sum of the loss shares
+            share = self.batch_reader([inputs.planned], rank)[0]  # what that process's loader reads
+            loss = loss + super().micro_step(share)  # the all-reduce's sum of the loss shares
         self.rank = 0
         return loss
 

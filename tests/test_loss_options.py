@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from lycolab.config import ConfigError, TrainConfig, load_config, validate_config
 from lycolab.models.tiny import build_tiny_scheduler
 from lycolab.training import train
+from lycolab.training.batch_loader import PlannedBatch
 from lycolab.training.loop import Trainer
 from lycolab.training.loss import (
     BATCH_SLOT,
@@ -425,7 +426,8 @@ def _compute_first_step_loss(trainer: Trainer, **options) -> float:
         shape = (len(batch), 4, 8, 8)
         draws = draw_batch_noise(trainer.config, shape, 1000, trainer.seed, 1, 0)
         with torch.no_grad():
-            return (trainer.loss_sum(batch, range(len(batch)), 1, 0, draws) / len(batch)).item()
+            inputs = trainer.batch_reader([PlannedBatch(1, 0, tuple(batch), 0)])[0]
+            return (trainer.loss_sum(inputs, draws) / len(batch)).item()
     finally:
         trainer.config, trainer.parts.noise_scheduler = base_config, base_scheduler
 

@@ -101,9 +101,9 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_saves(tiny_model_dir, tmp
     trainer = Trainer(config, progress=False)
     original = Trainer.loss_sum
 
-    def poisoned(self, indices, positions, epoch, *args):
-        loss = original(self, indices, positions, epoch, *args)
-        return loss * float("nan") if epoch == 2 else loss
+    def poisoned(self, inputs, draws):
+        loss = original(self, inputs, draws)
+        return loss * float("nan") if inputs.planned.epoch == 2 else loss
 
     trainer.loss_sum = poisoned.__get__(trainer)
     with pytest.raises(TrainingError, match="loss became nan at epoch 2, step 5; stopped, the last save is intact"):

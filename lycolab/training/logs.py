@@ -81,8 +81,11 @@ class TrainingLog:
         self._csv_handle.flush()
         self._jsonl_handle.flush()
 
-    def log(self, step: int, total_steps: int, epoch: int, loss: float, learning_rates: list[float]) -> StepRecord:
-        """Add one step to the history and every log; returns the record callbacks receive."""
+    def log(self, step: int, total_steps: int, epoch: int, loss: float, learning_rates: list[float],
+            scalars: dict[str, float] | None = None) -> StepRecord:
+        """Add one step to the history and every log; returns the record callbacks receive. ``scalars`` are more
+        TensorBoard values under sd-scripts' names (e.g. ``max_norm/keys_scaled``)."""
+        learning_rates = [float(rate) for rate in learning_rates]  # AdaFactor's own schedule reports tensors
         self.history.add(step, epoch, loss, learning_rates)
         average = self.history.average()
         self._write_row([step, epoch, loss, average, *learning_rates])
@@ -93,6 +96,8 @@ class TrainingLog:
             self._writer.add_scalar("loss/average", average, step)
             for name, value in named.items():
                 self._writer.add_scalar(f"lr/{name}", value, step)
+            for name, value in (scalars or {}).items():
+                self._writer.add_scalar(name, value, step)
         return StepRecord(step, total_steps, epoch, loss, average, named)
 
     def close(self) -> None:

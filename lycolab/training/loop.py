@@ -13,7 +13,8 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,8 +28,17 @@ from lycolab.models.text import encode_prompts
 from lycolab.networks import AdapterNetwork, create_network, load_network
 from lycolab.networks.args import network_kwargs
 from lycolab.networks.io import save_adapter_file
+from lycolab.networks.max_norm import MaxNormResult, apply_max_norm
 from lycolab.networks.merged_weight import WORKSPACE
 from lycolab.training import checkpoints, distributed
+from lycolab.training.batch_loader import (
+    BatchInputs,
+    PlannedBatch,
+    RunBatches,
+    iterate_batches,
+    plan_batches,
+    worker_count,
+)
 from lycolab.training.callbacks import TrainingCallback
 from lycolab.training.history import LossHistory
 from lycolab.training.latent_cache import LatentCache, encode_latents
@@ -47,7 +57,7 @@ from lycolab.training.metadata import optimizer_metadata, save_metadata, trainin
 from lycolab.training.optim import build_optimizer
 from lycolab.training.sampling import SamplePrompt, generate_samples, make_grid, read_prompt_file
 from lycolab.training.schedule import lr_scheduler_for
-from lycolab.training.seeds import python_rng, torch_generator
+from lycolab.training.seeds import torch_generator
 from lycolab.training.state import StateError, TrainingState, load_state, pack, resume_folder, save_state, unpack
 from lycolab.training.state import state_dir_name as state_name
 
@@ -220,6 +230,7 @@ class Trainer:
         self.name = config.output_name or "last"
         self.log: TrainingLog | None = None
         self.position = (0, 1, 0)  # (step, epoch, next batch of that epoch)
+        self.max_norm: MaxNormResult | None = None  # the last step's scale_weight_norms report
 
     # ------------------------------------------------------------------------------------------------ setting up
     def setup(self) -> None:
@@ -315,6 +326,7 @@ class Trainer:
         self.metadata.update(optimizer_metadata(config, choice))
         self.lr_scheduler = lr_scheduler_for(config, choice, self.plan.total_steps)
         self.optimizer = self.accelerator.prepare(choice.optimizer)
+        self.schedule_free = choice.optimizer if choice.schedule_free else None
 
     def _prepare_latent_cache(self) -> None:
         config = self.config
@@ -384,29 +396,31 @@ class Trainer:
         self.position = (state.step, state.epoch, state.next_batch)
 
     # ----------------------------------------------------------------------------------------------- one step
-    def batch_latents(self, indices: list[int], positions: range, rngs: list, epoch: int, batch_index: int
-                      ) -> torch.Tensor:
-        """Latents of this share of the batch, flipped where ``flip_aug`` says, from the cache or the VAE."""
-        device = self.accelerator.device
-        flips = [self.dataset.wants_flip(i, rng) for i, rng in zip(indices, rngs, strict=True)]
-        if self.latent_cache is not None:
-            latents = [self.latent_cache.get(i, flip) for i, flip in zip(indices, flips, strict=True)]
-            return torch.stack(latents).to(device, torch.float32)
-        pixels = [self.dataset.pixels(i, flip, rng) for i, flip, rng in zip(indices, flips, rngs, strict=True)]
-        generators = [torch_generator(self.seed, epoch, batch_index, slot, VAE_STREAM) for slot in positions]
-        with torch.no_grad():
-            return encode_latents(self.parts.vae, torch.stack(pixels).to(device), generators).float()
+    def batch_reader(self, planned: list[PlannedBatch], rank: int | None = None) -> RunBatches:
+        """The planned batches as this process (or ``rank``) reads them: images only when no latent cache holds
+        them."""
+        return RunBatches(self.dataset, planned, self.seed, self.plan.total_steps, self.latent_cache is None,
+                          self.rank if rank is None else rank, self.world)
 
-    def loss_sum(self, indices: list[int], positions: range, epoch: int, batch_index: int, draws: BatchNoise
-                 ) -> torch.Tensor:
+    def batch_latents(self, inputs: BatchInputs) -> torch.Tensor:
+        """Latents of this share of the batch, flipped where ``flip_aug`` said, from the cache or the VAE."""
+        device = self.accelerator.device
+        if self.latent_cache is not None:
+            latents = [self.latent_cache.get(i, flip) for i, flip in zip(inputs.indices, inputs.flips, strict=True)]
+            return torch.stack(latents).to(device, torch.float32)
+        planned = inputs.planned
+        generators = [torch_generator(self.seed, planned.epoch, planned.batch_index, slot, VAE_STREAM)
+                      for slot in inputs.positions]
+        with torch.no_grad():
+            return encode_latents(self.parts.vae, inputs.pixels.to(device), generators).float()
+
+    def loss_sum(self, inputs: BatchInputs, draws: BatchNoise) -> torch.Tensor:
         """Sum of this process's per-sample losses (weighted) for its share of one global batch."""
         config, parts, device = self.config, self.parts, self.accelerator.device
-        rngs = [python_rng(self.seed, epoch, batch_index, slot) for slot in positions]
-        latents = self.batch_latents(indices, positions, rngs, epoch, batch_index)
-        captions = [self.dataset.caption(i, rng, epoch, self.position[0], self.plan.total_steps)  # sd-scripts' step
-                    for i, rng in zip(indices, rngs, strict=True)]
+        indices, positions = inputs.indices, inputs.positions
+        latents = self.batch_latents(inputs)
         with torch.set_grad_enabled(self.train_text_encoder), self.accelerator.autocast():
-            conditioning = encode_prompts(parts.text_encoder, parts.tokenizer, captions, config.clip_skip,
+            conditioning = encode_prompts(parts.text_encoder, parts.tokenizer, inputs.captions, config.clip_skip,
                                           config.max_token_length, device)
         share = slice(positions.start, positions.stop)
         means = self.latent_means(latents, positions, len(draws.timesteps)) if draws.needs_latent_means else None
@@ -434,19 +448,19 @@ class Trainer:
             torch.distributed.all_reduce(means)
         return means.cpu()
 
-    def micro_step(self, batch: list[int], epoch: int, batch_index: int) -> torch.Tensor:
+    def micro_step(self, inputs: BatchInputs) -> torch.Tensor:
         """Forward and backward for this process's share of one global batch; returns its loss share."""
-        item = self.dataset.items[batch[0]]
-        width, height = item.bucket.bucket_resolution
+        planned = inputs.planned
+        width, height = self.dataset.items[planned.items[0]].bucket.bucket_resolution
         channels = self.parts.unet.config.in_channels
-        draws = draw_batch_noise(self.config, (len(batch), channels, height // 8, width // 8),
-                                 self.parts.noise_scheduler.config.num_train_timesteps, self.seed, epoch, batch_index)
-        indices, positions = distributed.share(batch, self.rank, self.world)
-        if not indices:
+        draws = draw_batch_noise(self.config, (len(planned.items), channels, height // 8, width // 8),
+                                 self.parts.noise_scheduler.config.num_train_timesteps, self.seed, planned.epoch,
+                                 planned.batch_index)
+        if not inputs.indices:
             if draws.needs_latent_means:
-                self.latent_means(None, positions, len(batch))  # the other processes wait for its zeros
+                self.latent_means(None, inputs.positions, len(planned.items))  # the others wait for its zeros
             return torch.zeros((), device=self.accelerator.device)
-        loss = self.loss_sum(indices, positions, epoch, batch_index, draws) / len(batch)
+        loss = self.loss_sum(inputs, draws) / len(planned.items)
         self.accelerator.backward(loss / self.config.gradient_accumulation_steps)
         return loss.detach()
 
@@ -464,17 +478,21 @@ class Trainer:
         if not self.accelerator.optimizer_step_was_skipped:
             self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.config.scale_weight_norms:  # after the step, as sd-scripts (every process: the result is the same)
+            self.max_norm = apply_max_norm(self.network, self.config.scale_weight_norms)
         return loss_value
 
-    def run_epoch(self, epoch: int, start_batch: int, bar) -> bool:
-        """Train from ``start_batch`` to the end of the epoch; True when the run's last step was reached."""
+    def run_epoch(self, epoch: int, start_batch: int, bar, batches: Iterator[BatchInputs]) -> bool:
+        """Train from ``start_batch`` to the end of the epoch, taking its batches' inputs in order from
+        ``batches``; True when the run's last step was reached."""
         step, accumulate = self.position[0], self.config.gradient_accumulation_steps
-        batches = self.dataset.make_batches(epoch, self.world)
+        epoch_batches = self.plan.batches_per_epoch
         pending, micro_batches = torch.zeros((), device=self.accelerator.device), 0
-        for batch_index in range(start_batch, len(batches)):
-            pending = pending + self._guarded(self.micro_step, batches[batch_index], epoch, batch_index)
+        for batch_index in range(start_batch, epoch_batches):
+            inputs = next(batches)
+            pending = pending + self._guarded(self.micro_step, inputs)
             micro_batches += 1
-            if (batch_index + 1) % accumulate and batch_index + 1 < len(batches):
+            if (batch_index + 1) % accumulate and batch_index + 1 < epoch_batches:
                 continue
             loss = self._guarded(self.apply_gradients, pending / micro_batches, step + 1, epoch)
             pending, micro_batches = torch.zeros((), device=self.accelerator.device), 0
@@ -496,8 +514,11 @@ class Trainer:
 
     def after_step(self, step: int, epoch: int, loss: float, bar) -> None:
         if self.log is not None:
-            record = self.log.log(step, self.plan.total_steps, epoch, loss, self.lr_scheduler.get_last_lr())
-            bar.set_postfix(epoch=epoch, avr_loss=f"{record.average_loss:.4f}", refresh=False)
+            max_norm = self.max_norm
+            record = self.log.log(step, self.plan.total_steps, epoch, loss, self.lr_scheduler.get_last_lr(),
+                                  max_norm.logs() if max_norm else None)
+            bar.set_postfix(**(max_norm.postfix() if max_norm else {}), epoch=epoch,
+                            avr_loss=f"{record.average_loss:.4f}", refresh=False)
             for callback in self.callbacks:
                 callback.on_step(record, self.result.history)
         bar.update(1)
@@ -513,6 +534,20 @@ class Trainer:
             # sd-scripts ignores sample_every_n_steps when sample_every_n_epochs is set
             if not self.config.sample_every_n_epochs and self._due(self.config.sample_every_n_steps, step):
                 self.sample(f"{self.name}_{step:06d}")
+
+    @contextmanager
+    def averaged_weights(self):
+        """A ScheduleFree optimizer trains on an interpolation of its iterates; files and samples get the averaged
+        weights (its eval mode), as sd-scripts switches around each save and sample. The state is captured back in
+        train mode, so a resumed run continues from exactly the weights an uninterrupted one has."""
+        if self.schedule_free is None:
+            yield
+            return
+        self.schedule_free.eval()
+        try:
+            yield
+        finally:
+            self.schedule_free.train()
 
     @staticmethod
     def _due(every: int | None, count: int) -> bool:
@@ -537,7 +572,8 @@ class Trainer:
         ``save_state_on_train_end`` adds the state of the final save only, as in sd-scripts."""
         if not self.is_main:
             return
-        saved = [self.save(path, epoch)]
+        with self.averaged_weights():
+            saved = [self.save(path, epoch)]
         if self.config.save_state or (final and self.config.save_state_on_train_end):
             folder = save_state(Path(self.config.output_dir) / state_folder, self.capture_state())
             self.result.state_dirs.append(folder)
@@ -550,8 +586,10 @@ class Trainer:
         if not self.sample_prompts or not self.is_main:
             return
         self.network.eval()
-        paths = generate_samples(self.parts, self.sample_prompts, Path(self.config.output_dir) / "sample", stem,
-                                 self.config.sample_sampler, self.config.clip_skip, self.config.max_token_length)
+        with self.averaged_weights():
+            paths = generate_samples(self.parts, self.sample_prompts, Path(self.config.output_dir) / "sample", stem,
+                                     self.config.sample_sampler, self.config.clip_skip,
+                                     self.config.max_token_length)
         self.network.train()
         grid = make_grid(paths, Path(self.config.output_dir) / "sample" / f"{stem}_grid.png")
         self.result.sample_files += paths
@@ -602,18 +640,31 @@ class Trainer:
         if self.config.sample_at_first and step == 0:
             self.sample(f"{self.name}_e000000")  # the untrained look, to compare the first epochs against
         self.network.train()
+        batches = self.open_batches()
         try:
             finished = step >= self.plan.total_steps
             while not finished and epoch <= self.plan.epochs:
-                finished = self.run_epoch(epoch, start_batch, bar)
+                finished = self.run_epoch(epoch, start_batch, bar, batches)
                 if self.position[1] == epoch and self.position[2] >= self.plan.batches_per_epoch:
                     self.end_of_epoch(epoch)
                 epoch, start_batch = epoch + 1, 0
             self.finish(started)
         finally:
+            batches.close()  # stops the loader's workers
             bar.close()
             self._close_log()
             WORKSPACE.clear()  # the adapters' reusable full-size buffers; a notebook kernel lives on after training
+
+    def open_batches(self) -> Iterator[BatchInputs]:
+        """The rest of the run's batches, read ahead by ``max_data_loader_n_workers`` processes (at most one per
+        CPU, as sd-scripts) when images are read; the result does not depend on how many (``batch_loader``)."""
+        planned = plan_batches(self.dataset, self.position, self.plan.epochs, self.plan.total_steps,
+                               self.config.gradient_accumulation_steps, self.world)
+        reader = self.batch_reader(planned)
+        workers = worker_count(self.config.max_data_loader_n_workers, reader.read_pixels)
+        if workers:
+            logger.info("reading images in %d data loader worker process(es)", workers)
+        return iterate_batches(reader, workers)
 
     def _write_failure(self, error: OSError) -> TrainingError | None:
         """A failed write (disk full, …) as one line naming the file and the last good save, which is intact."""

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from lycolab.config import SAMPLER_ALIASES, SAMPLERS
 from lycolab.files import atomic_write
 from lycolab.models.text import encode_prompts
 
@@ -23,23 +24,6 @@ else:  # pragma: no cover - the same parser under its old name
     import tomli as tomllib
 
 logger = logging.getLogger(__name__)
-
-SAMPLERS = {
-    "ddim": "DDIMScheduler",
-    "pndm": "PNDMScheduler",
-    "lms": "LMSDiscreteScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "euler_a": "EulerAncestralDiscreteScheduler",
-    "heun": "HeunDiscreteScheduler",
-    "dpm_2": "KDPM2DiscreteScheduler",
-    "dpm_2_a": "KDPM2AncestralDiscreteScheduler",
-    "dpmsolver": "DPMSolverMultistepScheduler",
-    "dpmsolver++": "DPMSolverMultistepScheduler",
-    "dpmsingle": "DPMSolverSinglestepScheduler",
-}
-SAMPLER_ALIASES = {"k_lms": "lms", "k_euler": "euler", "k_euler_a": "euler_a", "k_dpm_2": "dpm_2",
-                   "k_dpm_2_a": "dpm_2_a", "euler a": "euler_a", "dpm++ 2m": "dpmsolver++"}
-
 
 @dataclass(frozen=True)
 class SamplePrompt:
@@ -116,6 +100,8 @@ def make_sampler(name: str, training_scheduler_config):
         raise ValueError(f"sample_sampler {name!r} is not known; use one of {', '.join(SAMPLERS)}")
     scheduler_class = getattr(diffusers, SAMPLERS[key])
     extra = {"algorithm_type": key} if key in ("dpmsolver", "dpmsolver++") else {}
+    if key == "dpmsolver":
+        extra["final_sigmas_type"] = "sigma_min"  # diffusers refuses its default "zero" with first-order dpmsolver
     return scheduler_class.from_config(training_scheduler_config, **extra)
 
 
