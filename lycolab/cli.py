@@ -101,7 +101,7 @@ def _add_commands(commands) -> None:
     demo = commands.add_parser("demo", help="zero-download end-to-end run on the embedded tiny model")
     demo.add_argument("--out", required=True, help="folder for the model, data, config, output and logs")
     demo.add_argument("--algo", default="loha", choices=("loha", "locon", "lora", "lokr"))
-    demo.add_argument("--epochs", type=int, default=4)
+    demo.add_argument("--epochs", type=int, default=10)
     train = commands.add_parser("train", help="kohya-compatible training from config_file.toml", allow_abbrev=False)
     train.add_argument("--config_file", required=True)
     train.add_argument("--dataset_config")
@@ -195,6 +195,11 @@ def _run_demo(args) -> int:
           f"{sum(training.history.losses[-5:]) / len(training.history.losses[-5:]):.4f})")
     for path in training.saved_files + training.sample_files + [training.loss_plot]:
         print(f"  {path}")
+    from lycolab.models.scenes import CONCEPT, TRIGGER_WORD
+
+    print(f"concept {TRIGGER_WORD!r} ({CONCEPT.color} {CONCEPT.shape} on a {CONCEPT.background} background), share "
+          f"of samples that show it: base model {result.base_score:.0%}, with the adapter {result.adapter_score:.0%}")
+    print(f"  {result.compare} (top row: base model, bottom row: with the adapter)")
     return 0
 
 

@@ -26,10 +26,11 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    """The tiny SD saved once per session as a diffusers folder."""
+    """The tiny SD (random weights: these tests need its architecture, not its drawing) saved once per session as a
+    diffusers folder."""
     from lycolab.models.tiny import save_tiny_sd
 
-    return save_tiny_sd(tmp_path_factory.mktemp("models") / "tiny-sd")
+    return save_tiny_sd(tmp_path_factory.mktemp("models") / "tiny-sd", pretrained=False)
 
 
 @pytest.fixture
@@ -37,7 +38,7 @@ def tiny_sd():
     """A fresh tiny SD per test: networks wrap modules in place, so tests must not share one."""
     from lycolab.models.tiny import build_tiny_sd
 
-    return build_tiny_sd()
+    return build_tiny_sd(pretrained=False)
 
 
 def write_images(directory: Path, sizes: list[tuple[int, int]], captions: list[str] | None = None,

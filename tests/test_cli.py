@@ -1,6 +1,7 @@
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from importlib.metadata import version
@@ -30,7 +31,14 @@ def demo_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     completed = _run("demo", "--out", str(out))
     assert completed.returncode == 0, completed.stderr[-3000:]
+    (out / "demo_stdout.txt").write_text(completed.stdout, encoding="utf-8")
     return out
+
+
+def test_demo_prints_the_concept_score_with_and_without_the_adapter(demo_dir):
+    printed = (demo_dir / "demo_stdout.txt").read_text(encoding="utf-8")
+    assert re.search(r"concept 'zkz' \(yellow circle on a purple background\), share of samples that show it: "
+                     r"base model \d+%, with the adapter \d+%", printed), printed
 
 
 def test_demo_writes_configs_epochs_samples_and_loss_plot(demo_dir):
@@ -43,12 +51,13 @@ def test_demo_writes_configs_epochs_samples_and_loss_plot(demo_dir):
             metadata = handle.metadata()
             assert any(key.endswith(".hada_w1_a") for key in handle.keys())
         assert metadata["ss_network_module"] == "lycoris.kohya"
-        assert json.loads(metadata["ss_tag_frequency"])["5_shapes square"]["sks"] == 6
+        assert json.loads(metadata["ss_tag_frequency"])["5_zkz"]["zkz"] == 12
         assert str(demo_dir) not in json.dumps(metadata), "no absolute user paths in metadata"
     samples = list((demo_dir / "output" / "sample").glob("*.png"))
     assert len(samples) >= 2
     assert (demo_dir / "logs" / "loss.png").stat().st_size > 1000
     assert (demo_dir / "models" / "tiny-sd" / "model_index.json").is_file()
+    assert (demo_dir / "output" / "compare.png").stat().st_size > 1000
 
 
 def test_demo_dataset_has_two_buckets(demo_dir):
@@ -65,7 +74,7 @@ def test_train_command_reads_the_toml_files_and_applies_overrides(demo_dir, tmp_
                      "--max_train_epochs", "1", "--output_dir", str(tmp_path), "--output_name", "again",
                      "--network_args", "algo=lora", "--network_module", "lycoris.kohya", "--sample_prompts=")
     assert completed.returncode == 0, completed.stderr[-3000:]
-    assert "number of images (including repeats): 60" in completed.stderr  # the log goes to stderr
+    assert "number of images (including repeats): 80" in completed.stderr  # the log goes to stderr
     with safe_open(str(tmp_path / "again.safetensors"), "pt") as handle:
         assert any(key.endswith(".lora_down.weight") for key in handle.keys())
         assert handle.metadata()["ss_num_epochs"] == "1"

@@ -68,7 +68,7 @@ def test_loha_changes_output_and_saved_file_reloads_to_same_output(tiny_sd, tmp_
     adapted = _unet_output(tiny_sd.unet)
     assert (adapted - base).abs().max() > 1e-3
     path = network.save_weights(tmp_path / "loha.safetensors", dtype=torch.float32, metadata={"ss_note": "x"})
-    fresh = build_tiny_sd()
+    fresh = build_tiny_sd(pretrained=False)  # the fixture's weights
     reloaded = load_network(path, fresh.unet, [fresh.text_encoder])
     assert reloaded.algo == "loha" and len(reloaded.adapters) == len(network.adapters)
     torch.testing.assert_close(_unet_output(fresh.unet), adapted, rtol=0, atol=1e-6)

@@ -4,6 +4,11 @@ Tests, the demo and the notebooks' CI run must never download a model, yet they 
 real SD 1.x checkpoint uses: diffusers' ``UNet2DConditionModel`` (Transformer2DModel, ResnetBlock2D, Downsample2D,
 Upsample2D), ``AutoencoderKL`` with SD's 8x downscale, transformers' ``CLIPTextModel`` and a working
 ``CLIPTokenizer``. Only the sizes are small, so adapters, key names and training code are the real thing.
+
+By default the weights are pretrained (``tiny_pretrained.safetensors``, made by ``scripts/pretrain_tiny.py``): the
+model draws the simple scenes of :mod:`lycolab.models.scenes` at 64 px, so training an adapter can be seen, and
+measured, to learn. ``pretrained=False`` gives the random weights of the fixed seed (what the pretraining starts
+from), for tests that need the architecture but no drawing.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from pathlib import Path
 import torch
 
 TINY_SEED = 20240401
+PRETRAINED_WEIGHTS = Path(__file__).with_name("tiny_pretrained.safetensors")
 TINY_HIDDEN_SIZE = 32
 TINY_MAX_TOKENS = 77
 
@@ -158,8 +164,16 @@ def build_tiny_scheduler(v_prediction: bool = False):
     )
 
 
-def build_tiny_sd(seed: int = TINY_SEED, v2: bool = False, v_prediction: bool = False) -> TinySD:
-    """Build all parts deterministically: the same seed gives bit-identical weights on every machine."""
+def build_tiny_sd(seed: int = TINY_SEED, v2: bool = False, v_prediction: bool = False,
+                  pretrained: bool | None = None) -> TinySD:
+    """Build all parts deterministically: the same seed gives bit-identical weights on every machine.
+
+    ``pretrained`` (default: when the seed and variant are the default ones and the weights file is there) loads
+    the pretrained weights that draw; the v2 and v-prediction variants are always random."""
+    if pretrained is None:
+        pretrained = seed == TINY_SEED and not v2 and not v_prediction and PRETRAINED_WEIGHTS.is_file()
+    if pretrained and (v2 or v_prediction):
+        raise ValueError("the pretrained tiny model is SD 1.x with epsilon prediction; use pretrained=False")
     generator_state = torch.random.get_rng_state()
     try:
         torch.manual_seed(seed)
@@ -169,16 +183,52 @@ def build_tiny_sd(seed: int = TINY_SEED, v2: bool = False, v_prediction: bool = 
         vae = build_tiny_vae()
     finally:
         torch.random.set_rng_state(generator_state)
+    parts = TinySD(unet, vae, text_encoder, tokenizer, build_tiny_scheduler(v_prediction))
+    if pretrained:
+        load_pretrained_weights(parts)
     for model in (unet, vae, text_encoder):
         model.eval()
-    return TinySD(unet, vae, text_encoder, tokenizer, build_tiny_scheduler(v_prediction))
+    return parts
 
 
-def save_tiny_sd(directory: str | Path, seed: int = TINY_SEED, v2: bool = False, v_prediction: bool = False) -> Path:
+PARTS_WITH_WEIGHTS = ("unet", "vae", "text_encoder")
+
+
+def save_pretrained_weights(parts: TinySD, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    """The three models' weights in one float16 safetensors file (a few MB), with the VAE's latent scale."""
+    from lycolab.files import save_safetensors
+
+    tensors = {f"{name}.{key}": value.detach().to(torch.float16).contiguous()
+               for name in PARTS_WITH_WEIGHTS for key, value in getattr(parts, name).state_dict().items()}
+    info = {**(metadata or {}), "scaling_factor": repr(float(parts.vae.config.scaling_factor))}
+    return save_safetensors(Path(path), tensors, info)
+
+
+def load_pretrained_weights(parts: TinySD, path: str | Path = PRETRAINED_WEIGHTS) -> None:
+    """Load the file ``save_pretrained_weights`` wrote into freshly built parts (float32, strict key match)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as handle:
+        info = handle.metadata() or {}
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    for name in PARTS_WITH_WEIGHTS:
+        model = getattr(parts, name)
+        prefix = name + "."
+        own = {key[len(prefix):]: value.float() for key, value in tensors.items() if key.startswith(prefix)}
+        model.load_state_dict(own, strict=True)
+    parts.vae.register_to_config(scaling_factor=float(info["scaling_factor"]))
+
+
+def save_tiny_sd(directory: str | Path, seed: int = TINY_SEED, v2: bool = False, v_prediction: bool = False,
+                 pretrained: bool | None = None) -> Path:
     """Write the tiny model as a diffusers folder that ``StableDiffusionPipeline.from_pretrained`` loads offline."""
+    return save_tiny_parts(build_tiny_sd(seed, v2=v2, v_prediction=v_prediction, pretrained=pretrained), directory)
+
+
+def save_tiny_parts(parts: TinySD, directory: str | Path) -> Path:
+    """Write built (or trained) tiny parts as a diffusers folder."""
     from diffusers import StableDiffusionPipeline
 
-    parts = build_tiny_sd(seed, v2=v2, v_prediction=v_prediction)
     pipeline = StableDiffusionPipeline(
         vae=parts.vae,
         text_encoder=parts.text_encoder,
