@@ -61,7 +61,7 @@ $(MIN_VENV)/constraints.txt: pyproject.toml scripts/min_constraints.py | $(MIN_B
 
 $(MIN_VENV)/.installed-min: $(MIN_VENV)/constraints.txt
 	$(MIN_BIN)/python -m pip install --quiet "$(TORCH_MIN_SPEC)"
-	$(MIN_BIN)/python -m pip install --quiet -c $< -e . pytest hypothesis pytest-randomly onnx ipywidgets
+	$(MIN_BIN)/python -m pip install --quiet -c $< -e . pytest hypothesis pytest-randomly onnx ipywidgets schedulefree
 	touch $@
 
 # The property-based tests (hypothesis marks each one) and any test marked `fuzz`, with the long "fuzz" profile of

@@ -214,9 +214,20 @@ def load_pretrained_weights(parts: TinySD, path: str | Path = PRETRAINED_WEIGHTS
     for name in PARTS_WITH_WEIGHTS:
         model = getattr(parts, name)
         prefix = name + "."
-        own = {key[len(prefix):]: value.float() for key, value in tensors.items() if key.startswith(prefix)}
-        model.load_state_dict(own, strict=True)
+        stored = {key[len(prefix):]: value.float() for key, value in tensors.items() if key.startswith(prefix)}
+        model.load_state_dict(_in_model_layout(stored, set(model.state_dict())), strict=True)
     parts.vae.register_to_config(scaling_factor=float(info["scaling_factor"]))
+
+
+def _in_model_layout(tensors: dict[str, torch.Tensor], own_keys: set[str]) -> dict[str, torch.Tensor]:
+    """transformers 5.x releases differ on whether CLIPTextModel's keys start with ``text_model.``; the file holds
+    one layout, the installed release wants its own."""
+    if set(tensors) == own_keys:
+        return tensors
+    wrapped = "text_model."
+    if all(wrapped + key in own_keys for key in tensors):
+        return {wrapped + key: value for key, value in tensors.items()}
+    return {key.removeprefix(wrapped): value for key, value in tensors.items()}
 
 
 def save_tiny_sd(directory: str | Path, seed: int = TINY_SEED, v2: bool = False, v_prediction: bool = False,
