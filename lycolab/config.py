@@ -907,9 +907,14 @@ def validate_config(config: TrainConfig, source: str) -> None:
     _validate_sampler(config, source)
 
 
+def sampler_key(name: str) -> str:
+    """A sample_sampler name (any case, an alias such as k_euler_a) as its key in ``SAMPLERS``."""
+    return SAMPLER_ALIASES.get(name.lower(), name.lower())
+
+
 def _validate_sampler(config: TrainConfig, source: str) -> None:
     """A sampler is checked at load time, not at the first sample after an epoch of training."""
-    sampler = SAMPLER_ALIASES.get(config.sample_sampler.lower(), config.sample_sampler.lower())
+    sampler = sampler_key(config.sample_sampler)
     _require(sampler in SAMPLERS, source, f"sample_sampler {shown(config.sample_sampler)} is not known; use one of "
              f"{', '.join(SAMPLERS)} (or k_lms, k_euler, k_euler_a, k_dpm_2, k_dpm_2_a)")
     sampling = config.sample_every_n_epochs or config.sample_every_n_steps or config.sample_at_first

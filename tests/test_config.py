@@ -287,6 +287,7 @@ def _train_dir(tmp_path):
         ({"output_dir": "a\x00b"}, "output_dir must be a string"),  # no path can hold NUL
         ({"network_args": [True]}, "network_args must be a list of strings"),
         ({"dataset_config": "nowhere.toml"}, "dataset_config nowhere.toml not found"),
+        ({"sample_sampler": "k_euler_b"}, "sample_sampler 'k_euler_b' is not known"),  # was a crash after an epoch
     ],
 )
 def test_values_that_used_to_crash_are_one_line_errors_naming_the_key(tmp_path, overrides, expected):

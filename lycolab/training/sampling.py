@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from lycolab.config import SAMPLER_ALIASES, SAMPLERS
+from lycolab.config import SAMPLERS, sampler_key
 from lycolab.files import atomic_write
 from lycolab.models.text import encode_prompts
 
@@ -95,7 +95,7 @@ def make_sampler(name: str, training_scheduler_config):
     """A diffusers scheduler for a kohya sampler name, sharing the training noise schedule."""
     import diffusers
 
-    key = SAMPLER_ALIASES.get(name.lower(), name.lower())
+    key = sampler_key(name)
     if key not in SAMPLERS:
         raise ValueError(f"sample_sampler {name!r} is not known; use one of {', '.join(SAMPLERS)}")
     scheduler_class = getattr(diffusers, SAMPLERS[key])
