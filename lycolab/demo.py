@@ -31,6 +31,7 @@ from lycolab.models.scenes import (
     draw_shape_image,
 )
 from lycolab.training.loop import TrainResult, train
+from lycolab.training.sampling import make_grid
 
 logger = logging.getLogger(__name__)
 
@@ -115,18 +116,6 @@ def render(model: str | Path, prompt: str, count: int = SAMPLES, networks: list[
         return [Image.open(path).convert("RGB") for path in paths]
 
 
-def compare_image(rows: list[list[Image.Image]], path: Path) -> Path:
-    """Rows of images (base, then adapter) in one picture."""
-    from lycolab.files import atomic_write
-
-    width, height = rows[0][0].size
-    grid = Image.new("RGB", (width * max(len(row) for row in rows), height * len(rows)), "white")
-    for row_index, row in enumerate(rows):
-        for column, image in enumerate(row):
-            grid.paste(image, (column * width, row_index * height))
-    return atomic_write(path, lambda temporary: grid.save(temporary, format="PNG"))
-
-
 def run_demo(out_dir: str | Path, algo: str = "loha", epochs: int = 10, progress: bool = True,
              **overrides) -> DemoResult:
     """Build, write, read back, train, and measure the concept with and without the adapter."""
@@ -151,7 +140,7 @@ def run_demo(out_dir: str | Path, algo: str = "loha", epochs: int = 10, progress
     base = render(model, TRIGGER_WORD)
     adapted = render(model, TRIGGER_WORD, networks=[(training.saved_files[-1], 1.0)])
     result = DemoResult(out_dir, config_file, dataset_file, training, concept_score(base), concept_score(adapted))
-    result.compare = compare_image([base, adapted], out_dir / "output" / "compare.png")
+    result.compare = make_grid(base + adapted, out_dir / "output" / "compare.png", columns=SAMPLES)  # 2 rows
     logger.info("concept %r (%s %s on %s): base model %.0f %%, with the adapter %.0f %% of %d samples",
                 TRIGGER_WORD, CONCEPT.color, CONCEPT.shape, CONCEPT.background, 100 * result.base_score,
                 100 * result.adapter_score, SAMPLES)

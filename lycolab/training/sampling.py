@@ -105,13 +105,15 @@ def make_sampler(name: str, training_scheduler_config):
     return scheduler_class.from_config(training_scheduler_config, **extra)
 
 
-def make_grid(images: list[Path], path: str | Path, columns: int | None = None) -> Path:
-    """All images of one sampling round side by side (up to 4 per row, cells sized to the largest), on white."""
+def make_grid(images: list, path: str | Path, columns: int | None = None) -> Path:
+    """All images of one sampling round side by side (up to 4 per row, cells sized to the largest), on white;
+    ``images`` are files or PIL images."""
     from PIL import Image
 
     from lycolab.files import atomic_write
 
-    pictures = [Image.open(image).convert("RGB") for image in images]
+    pictures = [image.convert("RGB") if isinstance(image, Image.Image) else Image.open(image).convert("RGB")
+                for image in images]
     columns = columns or min(4, len(pictures))
     rows = -(-len(pictures) // columns)
     cell_width = max(picture.width for picture in pictures)
