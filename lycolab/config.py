@@ -142,6 +142,9 @@ class TrainConfig:
     network_dropout: float | None = None
     network_train_unet_only: bool = False
     network_train_text_encoder_only: bool = False
+    # sd-scripts' SDXL options (sdxl_train_util): each caption encoded once, before training (any model family here)
+    cache_text_encoder_outputs: bool = False
+    cache_text_encoder_outputs_to_disk: bool = False
     unet_lr: float | None = None
     text_encoder_lr: float | None = None
     no_metadata: bool = False
@@ -303,6 +306,7 @@ CONFIG_SECTIONS: dict[str, tuple[str, ...]] = {
         "caption_tag_dropout_rate", "token_warmup_min", "token_warmup_step", "flip_aug", "color_aug", "random_crop",
         "face_crop_aug_range", "enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps",
         "bucket_no_upscale", "cache_latents", "cache_latents_to_disk", "vae_batch_size", "debug_dataset",
+        "cache_text_encoder_outputs", "cache_text_encoder_outputs_to_disk",
         "max_data_loader_n_workers", "persistent_data_loader_workers",
     ),
     "training_arguments": (
@@ -832,7 +836,34 @@ def load_config(
              or not any(subset.random_crop for dataset in config.datasets for subset in dataset.subsets), source,
              "random_crop cannot be used with cache_latents: a cached latent holds one fixed crop, so the crop would "
              "never change; turn one of them off")
+    _check_text_encoder_cache_captions(config, source)
     return config
+
+
+def _validate_text_encoder_cache(config: TrainConfig, source: str) -> None:
+    """sd-scripts' rules (sdxl_train_network.py): ``_to_disk`` turns caching on; a cached output is the text
+    encoders' and fixed, so they cannot be trained."""
+    if config.cache_text_encoder_outputs_to_disk and not config.cache_text_encoder_outputs:
+        logger.info("%s: cache_text_encoder_outputs_to_disk turns cache_text_encoder_outputs on", source)
+        config.cache_text_encoder_outputs = True
+    _require(not config.cache_text_encoder_outputs or config.network_train_unet_only, source,
+             "cache_text_encoder_outputs needs network_train_unet_only = true: cached text-encoder outputs cannot "
+             "train a text-encoder adapter")
+
+
+def _check_text_encoder_cache_captions(config: TrainConfig, source: str) -> None:
+    """A cached caption is encoded once, so captions must not change from one epoch to the next (sd-scripts:
+    is_text_encoder_output_cacheable)."""
+    if not config.cache_text_encoder_outputs:
+        return
+    for dataset in config.datasets:
+        for subset in dataset.subsets:
+            changing = [name for name in ("shuffle_caption", "caption_dropout_rate", "caption_tag_dropout_rate",
+                                          "token_warmup_step", "caption_dropout_every_n_epochs",
+                                          "enable_wildcard")
+                        if getattr(subset, name)]
+            _require(not changing, source, f"cache_text_encoder_outputs cannot be used with {', '.join(changing)} "
+                     f"(subset {subset.image_dir}): a cached caption never changes; turn one of them off")
 
 
 def _require(condition: bool, source: str, message: str) -> None:
@@ -897,6 +928,7 @@ def validate_config(config: TrainConfig, source: str) -> None:
              "load")
     _require(not (config.network_train_unet_only and config.network_train_text_encoder_only), source,
              "network_train_unet_only and network_train_text_encoder_only cannot both be true")
+    _validate_text_encoder_cache(config, source)
     _one_of(config, "network_module", NETWORK_MODULES, source)
     _validate_network_args(config, source)
     if config.min_snr_gamma is not None:

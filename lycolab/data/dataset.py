@@ -28,6 +28,7 @@ class TrainItem:
     record: ImageRecord
     bucket: BucketChoice
     dataset_index: int
+    original_size: tuple[int, int] = (0, 0)  # (width, height) of the file, for SDXL's size conditioning
 
 
 class BucketedDataset:
@@ -59,7 +60,7 @@ class BucketedDataset:
         if isinstance(size, UnreadableImage):
             return self._skip(size)
         try:
-            return TrainItem(record, manager.select(*size), dataset_index)
+            return TrainItem(record, manager.select(*size), dataset_index, tuple(size))
         except NoBucketFits as error:
             return self._skip(UnreadableImage(f"{record.path}: {error}"))
 
@@ -121,6 +122,23 @@ class BucketedDataset:
             array = array[:, ::-1].copy()
         return torch.from_numpy(array).permute(2, 0, 1).float().div(127.5).sub(1.0)
 
+    def size_conditioning(self, index: int, flip: bool = False
+                          ) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+        """SDXL's (original height, width), (crop top, left), (target height, width) for this item, as sd-scripts
+        computes them: the file's size, the bucket, and the crop ``get_crop_ltrb`` reports — the offset of the image
+        fitted *inside* the bucket, whatever the real (centred or random) crop was — mirrored with a flip. Without
+        bucketing the crop is (0, 0) and the original size the cropped one."""
+        item = self.items[index]
+        bucket_width, bucket_height = item.bucket.bucket_resolution
+        target = (bucket_height, bucket_width)
+        if not self.datasets[item.dataset_index].enable_bucket:
+            return target, (0, 0), target
+        image_width, image_height = item.original_size
+        left, top, right, _ = fitted_crop_ltrb(item.bucket.bucket_resolution, item.original_size)
+        if flip:
+            left = bucket_width - right
+        return (image_height, image_width), (int(top), int(left)), target
+
     def wants_flip(self, index: int, rng: random.Random) -> bool:
         """flip_aug: each time an image is used, mirror it with probability 1/2."""
         return self.items[index].record.subset.flip_aug and rng.random() < 0.5
@@ -145,6 +163,18 @@ class BucketedDataset:
         if self.skipped:
             logger.warning("%d file(s) skipped (unreadable, or no bucket fits); lycolab check-dataset lists each with "
                            "its reason", len(self.skipped))
+
+
+def fitted_crop_ltrb(bucket: tuple[int, int], image_size: tuple[int, int]) -> tuple[float, float, float, float]:
+    """sd-scripts' ``BucketManager.get_crop_ltrb``: where the image, scaled to fit inside the bucket, would sit
+    (left, top, right, bottom, as floats); SDXL's crop conditioning is read from it."""
+    bucket_ratio, image_ratio = bucket[0] / bucket[1], image_size[0] / image_size[1]
+    if bucket_ratio > image_ratio:
+        width, height = bucket[1] * image_ratio, bucket[1]
+    else:
+        width, height = bucket[0], bucket[0] / image_ratio
+    left, top = (bucket[0] - width) // 2, (bucket[1] - height) // 2
+    return left, top, left + width, top + height
 
 
 def _size_or_error(record: ImageRecord) -> tuple[int, int] | UnreadableImage:

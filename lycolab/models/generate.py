@@ -35,9 +35,9 @@ def load_with_networks(model: str | Path, networks: Sequence[tuple[str | Path, f
 
     parts = load_stable_diffusion(model, vae, v_parameterization, model_config)
     for path, ratio in networks:
-        load_network(path, parts.unet, [parts.text_encoder], multiplier=ratio)
+        load_network(path, parts.unet, parts.text_encoders, multiplier=ratio)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    for module in (parts.unet, parts.vae, parts.text_encoder):
+    for module in parts.models:
         module.to(device).eval()
     return parts
 
@@ -71,20 +71,19 @@ def merge_into_model(model: str | Path, networks: Sequence[tuple[str | Path, flo
                      vae: str | Path | None = None, dtype: torch.dtype | None = torch.float16,
                      model_config: str | Path | None = None) -> Path:
     """Bake the adapters into the base model and save it: ``out`` ending in ``.safetensors`` gives one
-    A1111-layout file (in ``dtype``), anything else a diffusers folder (U-Net, text encoder, VAE, tokenizer,
-    scheduler) that diffusers tools — and ``lycolab train`` — load."""
-    from diffusers import StableDiffusionPipeline
-
-    from lycolab.models.export import export_single_file
+    A1111-layout file (in ``dtype``; SDXL in its SGM layout), anything else a diffusers folder (U-Net, text
+    encoders, VAE, tokenizers, scheduler) that diffusers tools — and ``lycolab train`` — load."""
+    from lycolab.models.export import export_single_file, save_diffusers_folder
     from lycolab.networks.merge import merge_files
+    from lycolab.training.sampling import sampling_pipeline
 
     parts = load_stable_diffusion(model, vae, config=model_config)
-    merge_files(parts.unet, [parts.text_encoder], networks)
+    merge_files(parts.unet, parts.text_encoders, networks)
     if str(out).lower().endswith(".safetensors"):
-        return export_single_file(parts.unet, parts.vae, parts.text_encoder, out, dtype)
-    pipeline = StableDiffusionPipeline(vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
-                                       unet=parts.unet, scheduler=parts.noise_scheduler, safety_checker=None,
-                                       feature_extractor=None, requires_safety_checker=False)
-    from lycolab.models.export import save_diffusers_folder
+        if parts.is_sdxl:
+            from lycolab.models.export_sdxl import export_sdxl_single_file
 
-    return save_diffusers_folder(pipeline, Path(out))
+            return export_sdxl_single_file(parts.unet, parts.vae, parts.text_encoder, parts.text_encoder_2, out,
+                                           dtype)
+        return export_single_file(parts.unet, parts.vae, parts.text_encoder, out, dtype)
+    return save_diffusers_folder(sampling_pipeline(parts, parts.noise_scheduler), Path(out))

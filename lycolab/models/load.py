@@ -1,5 +1,6 @@
 """Loading a base model for training: a diffusers folder, a hub id (online), or a single original-layout
-``.safetensors`` / ``.ckpt`` (A1111-style), with an optional VAE swap.
+``.safetensors`` / ``.ckpt`` (A1111-style), with an optional VAE swap — SD 1.x, 2.x or SDXL, told apart by the files
+themselves (:mod:`lycolab.models.detect`).
 
 Model files are large and often arrive damaged (a download or a Drive copy that stopped). Whatever is wrong with
 them, loading ends in a :class:`ModelLoadError` of one line naming the file and the fix, never in a traceback from
@@ -18,10 +19,13 @@ from pathlib import Path
 
 import torch
 
+from lycolab.models.detect import SDXL, model_family
+
 logger = logging.getLogger(__name__)
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
-# The diffusers folders lycolab loads; the tokenizer has no config.json, the others need one.
+# The diffusers folders lycolab loads; the tokenizers have no config.json, the others need one.
 MODEL_PARTS = ("unet", "text_encoder", "vae", "tokenizer")
+SDXL_MODEL_PARTS = MODEL_PARTS + ("text_encoder_2", "tokenizer_2")
 
 
 class ModelLoadError(ValueError):
@@ -30,11 +34,29 @@ class ModelLoadError(ValueError):
 
 @dataclass
 class StableDiffusionParts:
+    """A loaded model. SDXL has a second text encoder (OpenCLIP bigG with projection) and tokenizer; SD 1.x/2.x
+    leave them None."""
+
     unet: torch.nn.Module
     vae: torch.nn.Module
     text_encoder: torch.nn.Module
     tokenizer: object
     noise_scheduler: object
+    text_encoder_2: torch.nn.Module | None = None
+    tokenizer_2: object = None
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.text_encoder_2 is not None
+
+    @property
+    def text_encoders(self) -> list[torch.nn.Module]:
+        """Every text encoder, in the order adapter files number them (``lora_te1_``, ``lora_te2_``)."""
+        return [self.text_encoder] + ([self.text_encoder_2] if self.text_encoder_2 is not None else [])
+
+    @property
+    def models(self) -> list[torch.nn.Module]:
+        return [self.unet, self.vae, *self.text_encoders]
 
 
 def load_stable_diffusion(model: str | Path, vae: str | Path | None = None, v_parameterization: bool = False,
@@ -54,14 +76,16 @@ def load_stable_diffusion(model: str | Path, vae: str | Path | None = None, v_pa
     path = Path(source)
     if path.is_file():
         parts = load_single_file(path, vae, v_parameterization, config)
-        for model_part, part_dtype in ((parts.unet, dtype), (parts.text_encoder, dtype), (parts.vae, None)):
-            _place(model_part, device, part_dtype)
+        for model_part in parts.text_encoders + [parts.unet]:
+            _place(model_part, device, dtype)
+        _place(parts.vae, device)
         return parts
+    sdxl = path.is_dir() and model_family(path) == SDXL
     if path.is_dir():
         if not (path / "model_index.json").is_file() and not (path / "unet").is_dir():
             raise ModelLoadError(f"{path}: not a diffusers model folder (no model_index.json or unet/); check the "
                                  "path")
-        check_model_folder(path)
+        check_model_folder(path, SDXL_MODEL_PARTS if sdxl else MODEL_PARTS)
     if vae:
         vae_model = _load_vae(vae)
     try:
@@ -70,6 +94,8 @@ def load_stable_diffusion(model: str | Path, vae: str | Path | None = None, v_pa
         text_encoder = _place(CLIPTextModel.from_pretrained(
             source, subfolder="text_encoder", variant=weights_variant(path / "text_encoder")), device, dtype)
         tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
+        sdxl = sdxl or getattr(unet.config, "addition_embed_type", None) == "text_time"  # a hub id
+        second = _load_second_encoder(source, path, device, dtype) if sdxl else (None, None)
         if not vae:
             vae_model = AutoencoderKL.from_pretrained(source, subfolder="vae", variant=weights_variant(path / "vae"))
     except MemoryError:
@@ -79,7 +105,16 @@ def load_stable_diffusion(model: str | Path, vae: str | Path | None = None, v_pa
                              "be incomplete) with lycolab download") from None
     _hint_v_parameterization(unet, source, v_parameterization)
     return StableDiffusionParts(unet, _place(vae_model, device), text_encoder, tokenizer,
-                                training_scheduler(v_parameterization))
+                                training_scheduler(v_parameterization), *second)
+
+
+def _load_second_encoder(source: str, path: Path, device, dtype) -> tuple[torch.nn.Module, object]:
+    """SDXL's OpenCLIP bigG text encoder (with its projection, for the pooled embedding) and its tokenizer."""
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+    encoder = CLIPTextModelWithProjection.from_pretrained(source, subfolder="text_encoder_2",
+                                                          variant=weights_variant(path / "text_encoder_2"))
+    return _place(encoder, device, dtype), CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2")
 
 
 def check_model_folder(folder: Path, parts: tuple[str, ...] = MODEL_PARTS) -> None:
@@ -93,9 +128,9 @@ def check_model_folder(folder: Path, parts: tuple[str, ...] = MODEL_PARTS) -> No
     if (folder / "model_index.json").is_file():
         _check_json(folder / "model_index.json")
     for part in parts:
-        check_model_part(folder / part, needs_config=part != "tokenizer")
-    if "tokenizer" in parts:
-        _check_vocabulary(folder / "tokenizer")
+        check_model_part(folder / part, needs_config=not part.startswith("tokenizer"))
+    for tokenizer in (part for part in parts if part.startswith("tokenizer")):
+        _check_vocabulary(folder / tokenizer)
 
 
 def _check_vocabulary(folder: Path) -> None:
@@ -191,7 +226,7 @@ def load_single_file(path: str | Path, vae: str | Path | None = None, v_paramete
     """
     import os
 
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     path = Path(path)
     if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
@@ -199,18 +234,20 @@ def load_single_file(path: str | Path, vae: str | Path | None = None, v_paramete
     if path.suffix.lower() == ".safetensors":
         check_safetensors(path)
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    sdxl = model_family(path) == SDXL or (config is not None and model_family(config) == SDXL)
+    extra = {} if sdxl else {"safety_checker": None, "requires_safety_checker": False}
     try:
-        pipeline = StableDiffusionPipeline.from_single_file(
-            str(path), config=str(config) if config else None, local_files_only=offline, safety_checker=None,
-            requires_safety_checker=False)
+        pipeline = (StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline).from_single_file(
+            str(path), config=str(config) if config else None, local_files_only=offline, **extra)
     except MemoryError:
         raise
     except Exception as error:  # diffusers raises anything for a bad checkpoint
         raise ModelLoadError(_single_file_problem(path, error, config)) from None
     _hint_v_parameterization(pipeline.unet, str(path), v_parameterization)
     vae_model = _load_vae(vae) if vae else pipeline.vae
+    second = (pipeline.text_encoder_2, pipeline.tokenizer_2) if sdxl else (None, None)
     return StableDiffusionParts(pipeline.unet, vae_model, pipeline.text_encoder, pipeline.tokenizer,
-                                training_scheduler(v_parameterization))
+                                training_scheduler(v_parameterization), *second)
 
 
 def _single_file_problem(path: Path, error: Exception, config: str | Path | None) -> str:
@@ -224,14 +261,17 @@ def _single_file_problem(path: Path, error: Exception, config: str | Path | None
         return (f"{path}: damaged or incomplete (not a PyTorch checkpoint archive: {_first_line(error)}); download "
                 "it again")
     if config:
-        return (f"{path}: cannot load the checkpoint ({_first_line(error)}); is it a whole SD 1.x/2.x checkpoint "
+        return (f"{path}: cannot load the checkpoint ({_first_line(error)}); is it a whole SD/SDXL checkpoint "
                 f"(not a LoRA or a VAE) of the same type as {config}?")
     return (f"{path}: cannot load the checkpoint ({_first_line(error)}); offline, give the config of a diffusers "
             "folder of the same model type")
 
 
 def is_v2(unet) -> bool:
-    """SD 2.x U-Nets attend to 1024-wide OpenCLIP states and use linear projections in their transformers."""
+    """SD 2.x U-Nets attend to 1024-wide OpenCLIP states and use linear projections in their transformers (as
+    SDXL's do, which the added text_time conditioning tells apart)."""
+    if getattr(unet.config, "addition_embed_type", None) == "text_time":
+        return False
     return unet.config.cross_attention_dim == 1024 or bool(getattr(unet.config, "use_linear_projection", False))
 
 

@@ -14,7 +14,13 @@ from torch import nn
 
 from lycolab.files import save_safetensors
 from lycolab.networks.base import AdapterModule, AdapterShapeError
-from lycolab.networks.naming import UNET_PREFIX, canonical_named_modules, lora_name, text_encoder_prefix
+from lycolab.networks.naming import (
+    UNET_PREFIX,
+    canonical_named_modules,
+    is_sdxl_unet,
+    lora_name,
+    text_encoder_prefix,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -134,14 +140,16 @@ def unsupported_algorithm(parameters: dict[str, torch.Tensor]) -> str | None:
 
 
 def adaptable_layers(unet: nn.Module | None, text_encoders: list[nn.Module]) -> dict[str, nn.Module]:
-    """Every Linear/Conv2d under its file name: files may target layers beyond our defaults (e.g. conv_in)."""
+    """Every Linear/Conv2d under its file name: files may target layers beyond our defaults (e.g. conv_in). An SDXL
+    U-Net's layers answer to both sd-scripts' original-layout names and LyCORIS' diffusers-layout ones."""
     roots = [(UNET_PREFIX, unet)] if unet is not None else []
     roots += [(text_encoder_prefix(i, len(text_encoders)), te) for i, te in enumerate(text_encoders)]
     layers = {}
     for prefix, root in roots:
-        for path, module in canonical_named_modules(root):
+        diffusers_paths = dict(root.named_modules()) if is_sdxl_unet(root) else {}
+        for path, module in [*canonical_named_modules(root), *diffusers_paths.items()]:
             if path and isinstance(module, (nn.Linear, nn.Conv2d)):
-                layers[lora_name(prefix, path)] = module
+                layers.setdefault(lora_name(prefix, path), module)
     return layers
 
 
@@ -214,7 +222,7 @@ def load_network(
         logger.warning("%s: %d module(s) %s; skipped: %s", path.name, len(names), reason, _summarise(names))
     if not adapters:
         raise AdapterFileError(f"{path}: no module of this file can be applied to this model; is it an adapter "
-                               "for SD 1.x/2.x?")
+                               "for this model's family (SD 1.x/2.x or SDXL)?")
     algorithms = {adapter.algo for adapter in adapters}
     algo = metadata_algorithm(metadata) or (algorithms.pop() if len(algorithms) == 1 else "lora")
     hyperparameters = {"dim": metadata.get("ss_network_dim", adapters[0].dim),

@@ -58,7 +58,7 @@ def compare_epochs(workspace: Workspace, prompts: str, epochs: str = "all", seed
         raise ValueError("give at least one prompt (one per line)")
     parts = load_stable_diffusion(config.pretrained_model_name_or_path, config.vae, config.v_parameterization,
                                   config.model_config)
-    network = load_network(files[0][1], parts.unet, [parts.text_encoder])
+    network = load_network(files[0][1], parts.unet, parts.text_encoders)
     network.eval()
     scratch = workspace.output / "compare" / time.strftime("%Y%m%d-%H%M%S")
     columns: list[tuple[str, list[Path]]] = []

@@ -24,7 +24,7 @@ from lycolab.config import TrainConfig, network_args_dict
 from lycolab.data.dataset import BucketedDataset
 from lycolab.files import WriteError, as_write_error
 from lycolab.models.load import StableDiffusionParts, load_stable_diffusion
-from lycolab.models.text import encode_prompts
+from lycolab.models.text import Conditioning, encode_conditioning, sdxl_time_ids
 from lycolab.networks import AdapterNetwork, create_network, load_network
 from lycolab.networks.args import network_kwargs
 from lycolab.networks.io import save_adapter_file
@@ -53,13 +53,14 @@ from lycolab.training.loss import (
     training_target,
     weighted_loss,
 )
-from lycolab.training.metadata import optimizer_metadata, save_metadata, training_metadata
+from lycolab.training.metadata import SDXL_MODEL_VERSION, optimizer_metadata, save_metadata, training_metadata
 from lycolab.training.optim import build_optimizer
 from lycolab.training.sampling import SamplePrompt, generate_samples, make_grid, read_prompt_file
 from lycolab.training.schedule import lr_scheduler_for
 from lycolab.training.seeds import torch_generator
 from lycolab.training.state import StateError, TrainingState, load_state, pack, resume_folder, save_state, unpack
 from lycolab.training.state import state_dir_name as state_name
+from lycolab.training.text_cache import TextEncoderCache, text_encoders_on
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +137,7 @@ def _merge_base_weights(config: TrainConfig, parts: StableDiffusionParts) -> Non
     multipliers = [float(value) for value in config.base_weights_multiplier or []]
     pairs = [(path, multipliers[index] if index < len(multipliers) else 1.0)
              for index, path in enumerate(config.base_weights or [])]
-    merge_files(parts.unet, [parts.text_encoder], pairs)
+    merge_files(parts.unet, parts.text_encoders, pairs)
     logger.info("all weights merged: %s", ", ".join(Path(path).name for path, _ in pairs))
 
 
@@ -144,7 +145,7 @@ def _build_network(config: TrainConfig, parts: StableDiffusionParts, train_text_
     """The network the arguments describe, as sd-scripts builds it: ``network_weights`` are loaded into it (its
     dims and dropouts kept; a shape that differs is an error), and with ``dim_from_weights`` the network is built
     from the file instead."""
-    text_encoders = [parts.text_encoder] if train_text_encoder else []
+    text_encoders = parts.text_encoders if train_text_encoder else []
     unet = None if config.network_train_text_encoder_only else parts.unet
     if config.base_weights:
         _merge_base_weights(config, parts)
@@ -178,11 +179,11 @@ def _load_weights_into(network: AdapterNetwork, path: str) -> None:
 
 
 def _freeze(parts: StableDiffusionParts, device: torch.device, weight_dtype: torch.dtype) -> None:
-    for model in (parts.unet, parts.vae, parts.text_encoder):
+    for model in parts.models:
         model.requires_grad_(False)
         model.eval()
-    parts.unet.to(device, dtype=weight_dtype)
-    parts.text_encoder.to(device, dtype=weight_dtype)
+    for model in [parts.unet, *parts.text_encoders]:
+        model.to(device, dtype=weight_dtype)
     parts.vae.to(device, dtype=torch.float32)  # SD's VAE overflows in fp16; it only runs for encoding
 
 
@@ -306,6 +307,7 @@ class Trainer:
         self.parts = load_stable_diffusion(config.pretrained_model_name_or_path, config.vae,
                                            config.v_parameterization, config.model_config, device, self.weight_dtype)
         prepare_noise_scheduler(self.parts.noise_scheduler, config.zero_terminal_snr)
+        self._check_family()
         _freeze(self.parts, self.accelerator.device, self.weight_dtype)
         _enable_attention(config, self.parts.unet)
         self.train_text_encoder = not config.network_train_unet_only
@@ -316,6 +318,17 @@ class Trainer:
         self.network.to(self.accelerator.device, dtype=torch.float32)
         self.network.requires_grad_(True)
         self.parameters = [p for p in self.network.parameters() if p.requires_grad]
+
+    def _check_family(self) -> None:
+        """SDXL rules sd-scripts' sdxl_train_network.py applies: no v2; clip_skip has no effect (it warns)."""
+        if not self.parts.is_sdxl:
+            return
+        if self.config.v2:
+            raise TrainingError("v2 = true, but this is an SDXL model; set v2 = false (SDXL is neither SD 1.x nor 2.x)")
+        if self.config.clip_skip is not None:
+            logger.warning("clip_skip = %s has no effect on SDXL, which always uses the penultimate layers (as in "
+                           "sd-scripts)", self.config.clip_skip)
+        self.metadata["ss_base_model_version"] = SDXL_MODEL_VERSION
 
     def _prepare_optimizer(self) -> None:
         config = self.config
@@ -335,6 +348,14 @@ class Trainer:
             with self.accelerator.main_process_first():  # one process writes disk caches, the others read them
                 self.latent_cache = LatentCache(self.dataset, self.parts.vae, config.vae_batch_size,
                                                 config.cache_latents_to_disk, self.seed)
+        self.text_cache = None
+        if config.cache_text_encoder_outputs:
+            with self.accelerator.main_process_first(), self.accelerator.autocast():
+                self.text_cache = TextEncoderCache(self.dataset, self.parts, config.clip_skip,
+                                                   config.max_token_length, config.vae_batch_size,
+                                                   config.cache_text_encoder_outputs_to_disk, self.accelerator.device)
+            for encoder in self.parts.text_encoders:  # only sampling needs them now, and it brings them back
+                encoder.to("cpu")
 
     def _open_log(self) -> TrainingLog:
         config = self.config
@@ -414,21 +435,40 @@ class Trainer:
         with torch.no_grad():
             return encode_latents(self.parts.vae, inputs.pixels.to(device), generators).float()
 
+    def conditioning(self, inputs: BatchInputs) -> Conditioning:
+        """The batch's text conditioning: from the text-encoder cache, or encoded now (with gradients when a
+        text-encoder adapter trains)."""
+        if self.text_cache is not None:
+            return self.text_cache.batch(inputs.indices, self.accelerator.device)
+        with torch.set_grad_enabled(self.train_text_encoder), self.accelerator.autocast():
+            return encode_conditioning(self.parts, inputs.captions, self.config.clip_skip,
+                                       self.config.max_token_length, self.accelerator.device)
+
+    def added_conditioning(self, inputs: BatchInputs, conditioning: Conditioning) -> dict | None:
+        """SDXL's added conditioning: the pooled text embedding and each image's size/crop numbers."""
+        if conditioning.pooled is None:
+            return None
+        sizes = [self.dataset.size_conditioning(index, flip) for index, flip in zip(inputs.indices, inputs.flips,
+                                                                                       strict=True)]
+        time_ids = sdxl_time_ids(*zip(*sizes, strict=True))
+        return {"text_embeds": conditioning.pooled.to(self.weight_dtype),
+                "time_ids": time_ids.to(self.accelerator.device, self.weight_dtype)}
+
     def loss_sum(self, inputs: BatchInputs, draws: BatchNoise) -> torch.Tensor:
         """Sum of this process's per-sample losses (weighted) for its share of one global batch."""
         config, parts, device = self.config, self.parts, self.accelerator.device
         indices, positions = inputs.indices, inputs.positions
         latents = self.batch_latents(inputs)
-        with torch.set_grad_enabled(self.train_text_encoder), self.accelerator.autocast():
-            conditioning = encode_prompts(parts.text_encoder, parts.tokenizer, inputs.captions, config.clip_skip,
-                                          config.max_token_length, device)
+        conditioning = self.conditioning(inputs)
+        added = self.added_conditioning(inputs, conditioning)
         share = slice(positions.start, positions.stop)
         means = self.latent_means(latents, positions, len(draws.timesteps)) if draws.needs_latent_means else None
         noise, timesteps = draws.noise(means)[share].to(device), draws.timesteps[share].to(device)
         perturbation = draws.perturbation[share].to(device) if draws.perturbation is not None else None
         noisy = noisy_latents(parts.noise_scheduler, latents, noise, timesteps, perturbation)
         with self.accelerator.autocast():
-            prediction = parts.unet(noisy.to(self.weight_dtype), timesteps, conditioning.to(self.weight_dtype)).sample
+            prediction = parts.unet(noisy.to(self.weight_dtype), timesteps, conditioning.states.to(self.weight_dtype),
+                                    added_cond_kwargs=added).sample
         target = training_target(parts.noise_scheduler, latents, noise, timesteps)
         per_sample = per_sample_loss(prediction, target, config.loss_type,
                                      huber_threshold(config, parts.noise_scheduler, timesteps))
@@ -586,7 +626,8 @@ class Trainer:
         if not self.sample_prompts or not self.is_main:
             return
         self.network.eval()
-        with self.averaged_weights():
+        device = self.accelerator.device
+        with self.averaged_weights(), text_encoders_on(self.parts, device, self.weight_dtype):
             paths = generate_samples(self.parts, self.sample_prompts, Path(self.config.output_dir) / "sample", stem,
                                      self.config.sample_sampler, self.config.clip_skip,
                                      self.config.max_token_length)

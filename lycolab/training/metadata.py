@@ -275,8 +275,15 @@ def train_data_dir_keys(config: TrainConfig, dataset: BucketedDataset, images: U
 # ------------------------------------------------------------------------------------------------ whole metadata
 
 
+SDXL_MODEL_VERSION = "sdxl_base_v1-0"  # sdxl_model_util.MODEL_VERSION_SDXL_BASE_V1_0
+SDXL_ARCHITECTURE = "stable-diffusion-xl-v1-base"  # sai_model_spec.ARCH_SD_XL_V1_BASE (v-prediction too)
+SDXL_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"  # sai_model_spec.IMPL_STABILITY_AI
+
+
 def model_version(config: TrainConfig) -> str:
-    """``ss_base_model_version``: model_util.get_model_version_str_for_sd1_sd2 (sd_v1, sd_v2, sd_v2_v, sd_v1_v)."""
+    """``ss_base_model_version`` for SD 1.x/2.x: model_util.get_model_version_str_for_sd1_sd2 (sd_v1, sd_v2,
+    sd_v2_v, sd_v1_v); an SDXL run writes :data:`SDXL_MODEL_VERSION` instead (the trainer sets it once the model
+    is loaded)."""
     return ("sd_v2" if config.v2 else "sd_v1") + ("_v" if config.v_parameterization else "")
 
 
@@ -373,30 +380,33 @@ def optimizer_metadata(config: TrainConfig, choice: Any) -> dict[str, str]:
     return values
 
 
-def _spec_resolution(config: TrainConfig) -> str:
-    """sai_model_spec.determine_resolution: config_file's resolution, else 768 for v2 + v-prediction, else 512."""
+def _spec_resolution(config: TrainConfig, sdxl: bool = False) -> str:
+    """sai_model_spec.determine_resolution: config_file's resolution, else 1024 for SDXL, 768 for v2 +
+    v-prediction, else 512."""
     try:
         width, height = parse_resolution(config.resolution) if config.resolution else (None, None)
     except TypeError:
         width = height = None
     if width is None:
-        width = height = 768 if config.v2 and config.v_parameterization else 512
+        width = height = 1024 if sdxl else 768 if config.v2 and config.v_parameterization else 512
     return f"{width}x{height}"
 
 
-def model_spec(config: TrainConfig, timestamp: float | None = None) -> dict[str, str]:
-    """The ``modelspec.*`` keys get_sai_model_spec writes for a LoRA/LyCORIS network on SD 1.x/2.x."""
+def model_spec(config: TrainConfig, timestamp: float | None = None, sdxl: bool = False) -> dict[str, str]:
+    """The ``modelspec.*`` keys get_sai_model_spec writes for a LoRA/LyCORIS network on SD 1.x/2.x or SDXL."""
     timestamp = time.time() if timestamp is None else timestamp
     given = {f.name[len("metadata_"):]: getattr(config, f.name) for f in fields(config)
              if f.name.startswith("metadata_") and getattr(config, f.name) is not None}
     architecture = ("stable-diffusion-v2-768-v" if config.v_parameterization else "stable-diffusion-v2-512"
                     ) if config.v2 else "stable-diffusion-v1"
+    if sdxl:
+        architecture = SDXL_ARCHITECTURE
     title = given["title"] if "title" in given else config.output_name
     if title is None:
         title = f"LoRA@{timestamp}"
     spec: dict[str, Any] = {
-        "architecture": f"{architecture}/lora", "implementation": "diffusers", "title": title,
-        "resolution": _spec_resolution(config), "sai_model_spec": MODEL_SPEC_VERSION,
+        "architecture": f"{architecture}/lora", "implementation": SDXL_IMPLEMENTATION if sdxl else "diffusers",
+        "title": title, "resolution": _spec_resolution(config, sdxl), "sai_model_spec": MODEL_SPEC_VERSION,
         "description": given.get("description"), "author": given.get("author"),
         "date": datetime.datetime.fromtimestamp(int(timestamp)).isoformat(), "license": given.get("license"),
         "tags": given.get("tags"), "prediction_type": "v" if config.v_parameterization else "epsilon",
@@ -420,4 +430,5 @@ def save_metadata(config: TrainConfig, metadata: dict[str, str], epoch: int, ste
     else:
         saved = {**metadata, "ss_training_finished_at": str(finished_at), "ss_steps": str(step),
                  "ss_epoch": str(epoch)}
-    return {**saved, **model_spec(config, finished_at)}
+    sdxl = metadata.get("ss_base_model_version") == SDXL_MODEL_VERSION
+    return {**saved, **model_spec(config, finished_at, sdxl)}

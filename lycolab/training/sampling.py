@@ -16,7 +16,7 @@ import torch
 
 from lycolab.config import SAMPLERS, sampler_key
 from lycolab.files import atomic_write
-from lycolab.models.text import encode_prompts
+from lycolab.models.text import encode_conditioning
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -133,15 +133,10 @@ def generate_samples(parts, prompts: list[SamplePrompt], out_dir: str | Path, fi
 
     Runs inside ``torch.random.fork_rng`` so sampling never changes the training run's random numbers. A U-Net
     held in fp16/bf16 (mixed-precision training) denoises under autocast, since the adapter's weights stay fp32;
-    the latents are decoded by the VAE in its own dtype (fp32), where SD's VAE does not overflow."""
-    from diffusers import StableDiffusionPipeline
-
+    the latents are decoded by the VAE in its own dtype (fp32), where SD's VAE does not overflow. SDXL models
+    render through diffusers' SDXL pipeline (its size conditioning: the image's own size, no crop)."""
     device = next(parts.unet.parameters()).device
-    pipeline = StableDiffusionPipeline(
-        vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=parts.unet,
-        scheduler=make_sampler(sampler, parts.noise_scheduler.config), safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipeline = sampling_pipeline(parts, make_sampler(sampler, parts.noise_scheduler.config))
     pipeline.set_progress_bar_config(disable=True)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -153,17 +148,40 @@ def generate_samples(parts, prompts: list[SamplePrompt], out_dir: str | Path, fi
     return paths
 
 
+def sampling_pipeline(parts, scheduler):
+    """A diffusers pipeline over the loaded parts (nothing copied): SDXL's when there is a second text encoder."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    if getattr(parts, "text_encoder_2", None) is not None:
+        return StableDiffusionXLPipeline(vae=parts.vae, text_encoder=parts.text_encoder,
+                                         text_encoder_2=parts.text_encoder_2, tokenizer=parts.tokenizer,
+                                         tokenizer_2=parts.tokenizer_2, unet=parts.unet, scheduler=scheduler)
+    return StableDiffusionPipeline(vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
+                                   unet=parts.unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+def _prompt_arguments(parts, sample: SamplePrompt, clip_skip: int | None, max_token_length: int | None,
+                      device: torch.device) -> dict:
+    """The prompt and negative prompt encoded exactly as training encodes captions, as pipeline arguments."""
+    conditioning = encode_conditioning(parts, [sample.prompt, sample.negative_prompt], clip_skip, max_token_length,
+                                       device).to(parts.unet.dtype)
+    arguments = {"prompt_embeds": conditioning.states[:1], "negative_prompt_embeds": conditioning.states[1:]}
+    if conditioning.pooled is not None:
+        arguments.update(pooled_prompt_embeds=conditioning.pooled[:1],
+                         negative_pooled_prompt_embeds=conditioning.pooled[1:])
+    return arguments
+
+
 def _render(pipeline, parts, sample: SamplePrompt, index: int, path: Path, clip_skip: int | None,
             max_token_length: int | None, device: torch.device) -> Path:
     """One prompt → one PNG; a prompt without --d uses its position as seed, so rounds are comparable."""
-    embeddings = encode_prompts(parts.text_encoder, parts.tokenizer, [sample.prompt, sample.negative_prompt],
-                                clip_skip, max_token_length, device)
+    arguments = _prompt_arguments(parts, sample, clip_skip, max_token_length, device)
     generator = torch.Generator(device="cpu").manual_seed(sample.seed if sample.seed is not None else index)
-    embeddings = embeddings.to(parts.unet.dtype)
     low_precision = parts.unet.dtype != torch.float32
     with torch.autocast(device.type, dtype=parts.unet.dtype, enabled=low_precision):
         latents = pipeline(
-            prompt_embeds=embeddings[:1], negative_prompt_embeds=embeddings[1:],
+            **arguments,
             height=sample.height - sample.height % 8, width=sample.width - sample.width % 8,
             num_inference_steps=sample.steps, guidance_scale=sample.guidance_scale, generator=generator,
             output_type="latent",
