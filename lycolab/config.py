@@ -241,6 +241,8 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     gradient_accumulation_steps: int = 1
     mixed_precision: str = "no"
+    full_fp16: bool = False  # the adapter itself (and its gradients) in fp16/bf16, not only the activations
+    full_bf16: bool = False
     clip_skip: int | None = None
     logging_dir: str | None = None
     log_prefix: str | None = None
@@ -316,6 +318,7 @@ CONFIG_SECTIONS: dict[str, tuple[str, ...]] = {
         "resume", "train_batch_size", "max_token_length",
         "mem_eff_attn", "xformers", "sdpa", "max_train_epochs",
         "max_train_steps", "seed", "gradient_checkpointing", "gradient_accumulation_steps", "mixed_precision",
+        "full_fp16", "full_bf16",
         "clip_skip", "logging_dir", "log_prefix", "noise_offset", "min_snr_gamma", "lowram", "no_half_vae",
         "log_with", "allow_unknown_keys",
         "noise_offset_random_strength", "adaptive_noise_scale", "multires_noise_iterations", "multires_noise_discount",
@@ -898,6 +901,9 @@ def validate_config(config: TrainConfig, source: str) -> None:
     _require(config.seed is None or SEED_RANGE[0] <= config.seed <= SEED_RANGE[1], source,
              f"seed must be between 0 and 4294967295 (got {config.seed}); numpy and accelerate take no other")
     _one_of(config, "mixed_precision", MIXED_PRECISIONS, source)
+    for key, precision in (("full_fp16", "fp16"), ("full_bf16", "bf16")):  # sd-scripts' asserts
+        _require(not getattr(config, key) or config.mixed_precision == precision, source,
+                 f"{key} needs mixed_precision = \"{precision}\" (got {shown(config.mixed_precision)})")
     _require(config.save_precision is None or config.save_precision in SAVE_PRECISIONS, source,
              f"save_precision must be one of {', '.join(SAVE_PRECISIONS)} (got {shown(config.save_precision)})")
     _require(config.max_token_length is None or config.max_token_length in MAX_TOKEN_LENGTHS, source,

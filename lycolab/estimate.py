@@ -8,12 +8,15 @@ Everything here is an **estimate**, built without loading a single weight:
 * **time per step** comes from :data:`DEVICES`, a table of published (or derived, or rough — each entry says which)
   speeds for SD 1.5 LoRA training at 512 px, batch 1, fp16, with memory-efficient attention and cached latents,
   scaled by the factors documented next to each constant below;
-* **VRAM** is parameter counts × bytes (the frozen U-Net, text encoder and VAE in the dtypes the training loop keeps
-  them in; the adapter with its gradients and optimizer state) plus activations per latent pixel (a constant measured
-  on the SD 1.5 U-Net and documented at :data:`ACTIVATION_KIB_PER_LATENT_PIXEL`) plus the CUDA context. Parameters are
-  counted on the ``meta`` device: the U-Net, text encoder and VAE are built from their configs (the model folder's own,
-  else the known SD 1.x / 2.x configs chosen by ``v2``) and the adapter is made by
-  :func:`lycolab.networks.create_network` on them, so its count is exact. Nothing is downloaded.
+* **VRAM** is parameter counts × bytes (the frozen U-Net, text encoder(s) and VAE in the dtypes the training loop
+  keeps them in; the adapter with its gradients and optimizer state) plus activations per latent pixel (constants
+  counted on the SD 1.5 and SDXL U-Nets, documented at :data:`ACTIVATION_KIB_PER_LATENT_PIXEL` and
+  :data:`SDXL_ACTIVATION_KIB_PER_LATENT_PIXEL`) plus the CUDA context, at the larger of two moments: caching latents
+  (every model still on the GPU, the VAE encoding) and training (text encoders gone when their outputs are cached).
+  Parameters are counted on the ``meta`` device: the U-Net, text encoder(s) and VAE are built from their configs (the
+  model folder's own, else the known SD 1.x / 2.x / SDXL configs: the family :func:`lycolab.models.detect.model_family`
+  reads off the files, or ``family``, or ``v2``) and the adapter is made by :func:`lycolab.networks.create_network`
+  on them, so its count is exact. Nothing is downloaded.
 
 Counts and datasets are cached, so showing the estimate again in a notebook is fast.
 """
@@ -32,6 +35,7 @@ from typing import Any
 
 from lycolab.config import ConfigError, TrainConfig, network_args_dict, plain
 from lycolab.display import ShownAsTable, Table
+from lycolab.models.detect import SD1, SD2, SDXL, model_family
 
 GIB = 2**30
 KIB = 2**10
@@ -123,6 +127,17 @@ UNCACHED_LATENTS_SLOWDOWN = 1.25
 ALGORITHM_SLOWDOWN = {"lora": 1.0, "locon": 1.04, "loha": 1.33, "lokr": 1.14}
 # * fp32 (mixed_precision = "no") on a GPU: DeviceSpec.fp32_slowdown (T4 2x: 8.1 TFLOPS fp32 vs 65 fp16 on tensor
 #   cores, rough). bf16 on a GPU without native bf16 (T4, V100, P100) is taken as fp32 speed (rough).
+# * SDXL: one step at 1024x1024, batch 1, costs 4.4x the table's SD 1.5 step at 512 px (derived, rough).
+#   huggingface/diffusers#4470 (https://github.com/huggingface/diffusers/pull/4470, comment of 2023-08-08): on a free
+#   Colab T4, train_dreambooth_lora_sdxl.py with the README's dog settings (U-Net LoRA, text embeddings precomputed,
+#   1024 px, batch 1 x 4 gradient accumulation, fp16, gradient checkpointing, 8-bit Adam) ran 500 steps in "~1h30m":
+#   2000 images in 5400 s = 2.7 s per image, validation included -> 2.1 s without checkpointing (/1.3) = 4.2x the
+#   T4's 0.5 s; 4.4 for a single report. Cross-check, an upper bound: torch.utils.flop_counter on the meta device
+#   counts 6.76 TFLOP for SDXL's U-Net forward at 128x128 latents and 0.80 for SD 1.5's at 64x64 (8.4x), but batch-1
+#   SD 1.5 at 512 px keeps a GPU far less busy than SDXL at 1024 px does. By the pixel scaling above, 4.4x at 4x the
+#   pixels is SDXL_PIXEL_COST = 1.25x SD 1.5's time per latent pixel.
+SDXL_STEP_TIME_AT_1024 = 4.4
+SDXL_PIXEL_COST = (SDXL_STEP_TIME_AT_1024 - FIXED_STEP_SHARE) / ((1 - FIXED_STEP_SHARE) * 4)
 # Loading the model and caching latents before the first step: ~5 minutes on Colab (rough), counted for the session.
 SETUP_SECONDS = 300
 
@@ -149,6 +164,28 @@ ACTIVATION_MARGIN = 1.15
 # resolution level weighted by its share of the pixels (320 + 640/4 + 1280/16 + 1280/64) x layers_per_block 2. Another
 # U-Net (the tiny demo model) is scaled by its own value of this (rough).
 SD_ACTIVATION_WIDTH = (320 + 640 / 4 + 1280 / 16 + 1280 / 64) * 2
+# The same count for the SDXL base U-Net (2.57 B parameters) with networks.lora dim 32 attached, by the same method
+# (derived: counted on the CPU, not measured on a GPU): 855 and 827 KiB/px in fp32 at 32x32 and 48x48 latents, i.e.
+# 804 KiB/px plus ~51 MiB whatever the size (the cross-attention keys and values of the 77 tokens): ~807 at 1024 px.
+# Per latent pixel SDXL keeps ~1.8x SD 1.5: no attention at the top level, but 2 and 10 transformer layers below.
+# * fp32: 810. * fp16/bf16 mixed precision: 495 — norm and SiLU inputs are 16% of the bytes (fp32 under autocast),
+#   the rest fp16, plus the fp16 copy autocast makes of a LayerNorm output for each LoRA that reads it (q, k, v: 25
+#   KiB/px; 11 for SD 1.5, inside its margin).
+# * gradient checkpointing: diffusers checkpoints each ResnetBlock2D and each BasicTransformerBlock, so the 10-layer
+#   stacks cost only their inputs: the kept inputs and the unchecked layers (proj_in/proj_out and their LoRA, the
+#   samplers) 67 KiB/px in fp32 (~37 in fp16) plus the largest block run again (18 fp32, ~11 fp16): 86 fp32, 48 mixed.
+# The same script gives SD 1.5's 451/447 KiB/px, 23% and 63 KiB/px mixed with checkpointing above. So a 1024x1024
+# image (16384 latent pixels) needs ~8.9 GiB in fp16 with the margin below, ~0.9 GiB with gradient checkpointing.
+# Published figures agree in scale: kohya-ss/sd-scripts' README ("Tips for SDXL training"): "The LoRA training can
+# be done with 8GB GPU memory (10GB recommended)" with U-Net only, gradient checkpointing, cached text-encoder outputs
+# and latents and an 8-bit optimizer; diffusers' examples/dreambooth/README_sdxl.md: SDXL LoRA at 1024 px "with less
+# than 16GB of VRAM" with gradient checkpointing, 8-bit Adam and fp16 (its text embeddings precomputed); civitai's
+# SDXL 1.0 Training Overview (https://education.civitai.com/sdxl-1-0-training-overview, 2023-08): with gradient
+# checkpointing "VRAM usage peaks at 13 – 14.8 GB" (settings unstated). Without checkpointing the community finds
+# more than we predict: the 2ch-ai wiki's SDXL tests (https://2ch-ai.gitgud.site/wiki/tech/sdxl, sd-scripts 0.8.3,
+# 2024-02) say training below 20 GB takes gradient checkpointing, where these constants give ~15-17 GiB at 1024 px.
+SDXL_ACTIVATION_KIB_PER_LATENT_PIXEL = {(False, 4): 810.0, (False, 2): 495.0, (True, 4): 86.0, (True, 2): 48.0}
+SDXL_ACTIVATION_WIDTH = (320 + 640 / 4 + 1280 / 16) * 2
 # Encoding pixels with the VAE (fp32, no gradients) before the U-Net runs: its first block holds ~3-4 tensors of 128
 # channels at full resolution, 4 bytes each: ~2 KiB per image pixel, for the images encoded at once (the batch, or
 # vae_batch_size while caching latents). Only the larger of this and the U-Net's activations counts: they never
@@ -166,6 +203,25 @@ OPTIMIZER_STATE_BYTES = {
 }
 EIGHT_BIT_FALLBACK = {"adamw8bit": "adamw", "pagedadamw8bit": "adamw", "lion8bit": "lion", "pagedlion8bit": "lion",
                       "sgdnesterov8bit": "sgdnesterov"}
+
+
+@dataclass(frozen=True)
+class ArchitectureProfile:
+    """What a U-Net family costs beyond its parameters: activations per latent pixel by (gradient checkpointing,
+    bytes per activation), the activation width they were counted at (a smaller U-Net of the family, such as a tiny
+    one, is scaled by its own), and its time per latent pixel relative to SD 1.5's."""
+
+    name: str
+    kib_per_latent_pixel: dict[tuple[bool, int], float]
+    activation_width: float
+    pixel_cost: float = 1.0
+
+
+SD_PROFILE = ArchitectureProfile("SD 1.x/2.x", ACTIVATION_KIB_PER_LATENT_PIXEL, SD_ACTIVATION_WIDTH)
+SDXL_PROFILE = ArchitectureProfile("SDXL", SDXL_ACTIVATION_KIB_PER_LATENT_PIXEL, SDXL_ACTIVATION_WIDTH,
+                                   SDXL_PIXEL_COST)
+PROFILES = {SD1: SD_PROFILE, SD2: SD_PROFILE, SDXL: SDXL_PROFILE}
+FAMILY_NAMES = {SD1: "SD 1.x", SD2: "SD 2.x", SDXL: "SDXL"}
 
 
 # --------------------------------------------------------------------------------------------- the known SD configs
@@ -186,6 +242,25 @@ SD2_TEXT_ENCODER = {"vocab_size": 49408, "hidden_size": 1024, "intermediate_size
 SD_VAE = {"in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 2,
           "block_out_channels": [128, 256, 512, 512], "down_block_types": ["DownEncoderBlock2D"] * 4,
           "up_block_types": ["UpDecoderBlock2D"] * 4, "sample_size": 512}
+# SDXL base 1.0 (stabilityai/stable-diffusion-xl-base-1.0's unet/ and text_encoder_2/ config.json, as diffusers and
+# sd-scripts' sdxl_model_util build it): a first level without attention, 1/2/10 transformer layers per block, 2048
+# context channels (CLIP ViT-L's 768 + OpenCLIP bigG's 1280), the "text_time" added conditioning (bigG's 1280 pooled
+# + 6 size/crop numbers x 256 = 2816): 2,567,463,684 parameters. text_encoder/ is CLIP ViT-L as in SD 1.x (123 M);
+# text_encoder_2/ is OpenCLIP ViT-bigG's text tower with its projection (695 M). The VAE is SD's architecture.
+SDXL_UNET = {"in_channels": 4, "out_channels": 4, "layers_per_block": 2, "block_out_channels": [320, 640, 1280],
+             "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+             "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+             "transformer_layers_per_block": [1, 2, 10], "attention_head_dim": [5, 10, 20],
+             "cross_attention_dim": 2048, "use_linear_projection": True, "addition_embed_type": "text_time",
+             "addition_time_embed_dim": 256, "projection_class_embeddings_input_dim": 2816, "sample_size": 128}
+SDXL_TEXT_ENCODER_2 = {"architectures": ["CLIPTextModelWithProjection"], "vocab_size": 49408, "hidden_size": 1280,
+                       "intermediate_size": 5120, "num_hidden_layers": 32, "num_attention_heads": 20,
+                       "max_position_embeddings": 77, "hidden_act": "gelu", "projection_dim": 1280}
+KNOWN_CONFIGS: dict[str, tuple[dict, tuple[dict, ...], dict]] = {
+    SD1: (SD1_UNET, (SD1_TEXT_ENCODER,), SD_VAE),
+    SD2: (SD2_UNET, (SD2_TEXT_ENCODER,), SD_VAE),
+    SDXL: (SDXL_UNET, (SD1_TEXT_ENCODER, SDXL_TEXT_ENCODER_2), SD_VAE),
+}
 
 
 # ------------------------------------------------------------------------------------------------------ the result
@@ -353,7 +428,11 @@ def _files_fingerprint(config: TrainConfig) -> tuple:
 
 @dataclass(frozen=True)
 class ModelCounts:
-    """Parameter counts of the frozen parts and of the adapter, and the U-Net's shape facts the estimate needs."""
+    """Parameter counts of the frozen parts and of the adapter, and the U-Net's shape facts the estimate needs.
+
+    ``text_encoder`` is the first (or only) text encoder, ``text_encoder_2`` SDXL's second (OpenCLIP bigG), 0 for SD
+    1.x/2.x; ``family`` is "sd1", "sd2" or "sdxl", which picks the activation constants and time per pixel.
+    """
 
     unet: int
     text_encoder: int
@@ -362,32 +441,81 @@ class ModelCounts:
     largest_adapted_weight: int
     activation_width: float
     latent_downscale: int
+    text_encoder_2: int = 0
+    family: str = SD1
+
+    @property
+    def text_encoders(self) -> int:
+        return self.text_encoder + self.text_encoder_2
 
 
-def model_configs(config: TrainConfig) -> tuple[dict, dict, dict, str | None]:
-    """(U-Net, text encoder, VAE) configs for the model, and a note when they had to be assumed.
+@dataclass(frozen=True)
+class ModelConfigs:
+    """The configs the counts are built from: the U-Net's, one per text encoder (two for SDXL), the VAE's; the family
+    they belong to, and a note when they had to be assumed."""
+
+    family: str
+    unet: dict
+    text_encoders: tuple[dict, ...]
+    vae: dict
+    note: str | None = None
+
+
+def model_configs(config: TrainConfig, family: str | None = None) -> ModelConfigs:
+    """The model's configs, and its family.
 
     Read from a diffusers folder (the model's own, or ``model_config``), or from the local hub cache for a hub id —
-    never downloaded. A single-file checkpoint, or anything else, gets the known SD 1.x or 2.x configs (a
-    ``.safetensors`` header says which; otherwise ``v2``).
+    never downloaded. A single-file checkpoint, or anything else, gets the known configs of its family: what
+    :func:`lycolab.models.detect.model_family` reads off the files (a folder's ``model_index.json`` or configs, a
+    ``.safetensors`` header's key names), else ``family`` (for a model that is not on this machine yet, such as an
+    SDXL hub id before step 04 downloads it), else SD 2.x with ``v2`` and SD 1.x without. Files that say otherwise win
+    over ``family``, with a note.
     """
+    if family is not None and family not in KNOWN_CONFIGS:
+        raise ValueError(f"unknown model family {family!r}; use one of {', '.join(KNOWN_CONFIGS)} (or None)")
+    found = _detected_family(config)
+    if found is not None:
+        chosen = SD2 if found == SD1 and config.v2 else found  # v2 = true wins over an SD 1.x reading, as ever
+    else:
+        chosen = family or (SD2 if config.v2 else SD1)
+    note = (f"family = {family!r} was given, but the model's files say {FAMILY_NAMES[chosen]}: counted as "
+            f"{FAMILY_NAMES[chosen]}") if family and family != chosen else None
     for candidate in (config.pretrained_model_name_or_path, config.model_config):
-        folder = _config_folder(candidate)
+        folder = _config_folder(candidate, chosen)
         if folder is not None:
-            return (*folder, None)
-    v2 = config.v2 or _checkpoint_is_v2(config.pretrained_model_name_or_path)
-    configs = (SD2_UNET, SD2_TEXT_ENCODER, SD_VAE) if v2 else (SD1_UNET, SD1_TEXT_ENCODER, SD_VAE)
+            return ModelConfigs(chosen, *folder, note)
+    unet, text_encoders, vae = KNOWN_CONFIGS[chosen]
     name = config.pretrained_model_name_or_path or "no model set"
-    if not (name.lower().endswith((".safetensors", ".ckpt", ".pt", ".pth")) and Path(name).is_file()):
-        return (*configs, f"{plain(name)}: no configs on this machine, so the SD {'2' if v2 else '1'}.x "
-                          "architecture was assumed (v2 = " + ("true" if v2 else "false") + ")")
-    return (*configs, None)
+    if found is None and not (name.lower().endswith((".safetensors", ".ckpt", ".pt", ".pth")) and Path(name).is_file()):
+        reason = f'family = "{family}"' if family else "v2 = " + ("true" if config.v2 else "false")
+        note = (f"{plain(name)}: no configs on this machine, so the {FAMILY_NAMES[chosen]} architecture was assumed "
+                f"({reason})")
+        if chosen != SDXL and "xl" in name.lower():
+            note += '; for an SDXL model, estimate(config, family="sdxl") counts SDXL'
+    return ModelConfigs(chosen, unet, text_encoders, vae, note)
 
 
-def _config_folder(source: str | None) -> tuple[dict, dict, dict] | None:
+def _detected_family(config: TrainConfig) -> str | None:
+    """The family the model's files say (the model, else ``model_config``; a hub id by its cached snapshot)."""
+    for candidate in (config.pretrained_model_name_or_path, config.model_config):
+        if not candidate:
+            continue
+        if _looks_like_repo_id(candidate):
+            cached = _cached_hub_file(candidate, "unet/config.json")
+            found = model_family(Path(cached).parent.parent) if cached else None
+        else:
+            found = model_family(candidate)
+        if found is not None:
+            return found
+    return None
+
+
+def _config_folder(source: str | None, family: str) -> tuple[dict, tuple[dict, ...], dict] | None:
+    """(U-Net, text encoders, VAE) configs from a diffusers folder or the hub cache; an SDXL one also has
+    ``text_encoder_2/``."""
     if not source:
         return None
-    parts = ("unet", "text_encoder", "vae")
+    parts = ("unet", "text_encoder", *(("text_encoder_2",) if family == SDXL else ()), "vae")
     folder = Path(source)
     if folder.is_dir():
         paths = [folder / part / "config.json" for part in parts]
@@ -396,9 +524,10 @@ def _config_folder(source: str | None) -> tuple[dict, dict, dict] | None:
     else:
         return None
     try:
-        return tuple(json.loads(Path(path).read_text(encoding="utf-8")) for path in paths)  # type: ignore[return-value]
+        configs = [json.loads(Path(path).read_text(encoding="utf-8")) for path in paths]  # type: ignore[arg-type]
     except (OSError, TypeError, ValueError):
         return None
+    return configs[0], tuple(configs[1:-1]), configs[-1]
 
 
 def _looks_like_repo_id(source: str) -> bool:
@@ -417,27 +546,15 @@ def _cached_hub_file(repo_id: str, filename: str) -> str | None:
     return path if isinstance(path, str) else None
 
 
-def _checkpoint_is_v2(source: str | None) -> bool:
-    if not source or not source.lower().endswith(".safetensors") or not Path(source).is_file():
-        return False
-    try:
-        from safetensors import safe_open
-
-        from lycolab.models.load import is_v2_checkpoint
-
-        with safe_open(source, framework="pt") as handle:
-            return is_v2_checkpoint(handle.keys())
-    except Exception:  # a damaged file: the model step reports it; assume SD 1.x here
-        return False
-
-
-def model_counts(config: TrainConfig) -> tuple[ModelCounts, str | None]:
-    """Parameter counts for the configured model and network (cached), and a note when the model was assumed."""
-    unet, text_encoder, vae, note = model_configs(config)
+def model_counts(config: TrainConfig, family: str | None = None) -> tuple[ModelCounts, str | None]:
+    """Parameter counts for the configured model and network (cached), and a note when the model was assumed;
+    ``family`` as in :func:`model_configs`."""
+    configs = model_configs(config, family)
     weights = config.network_weights if config.dim_from_weights else None  # else the arguments' dims count
     weights_key = _file_key(weights) if weights else None
-    counts = _counts(_json(unet), _json(text_encoder), _json(vae), _network_key(config), weights_key)
-    return counts, note
+    counts = _counts(_json(configs.unet), tuple(_json(text) for text in configs.text_encoders), _json(configs.vae),
+                     _network_key(config), weights_key, configs.family)
+    return counts, configs.note
 
 
 def _json(value: dict) -> str:
@@ -456,43 +573,50 @@ def _network_key(config: TrainConfig) -> tuple:
 
     kwargs = network_kwargs(config.network_module, config.network_dim, config.network_alpha,
                             network_args_dict(config), config.network_dropout)
-    return (tuple(sorted(kwargs.items())), not config.network_train_unet_only,
-            not config.network_train_text_encoder_only)
+    train_unet, train_text_encoder = not config.network_train_text_encoder_only, not config.network_train_unet_only
+    return (tuple(sorted(kwargs.items())), train_unet, train_text_encoder)
 
 
 @functools.lru_cache(maxsize=32)
-def _counts(unet_json: str, text_json: str, vae_json: str, network_key: tuple, weights_key: tuple | None
-            ) -> ModelCounts:
-    """Build the three models on the meta device (no memory, no weights) and the adapter on them."""
+def _counts(unet_json: str, text_jsons: tuple[str, ...], vae_json: str, network_key: tuple,
+            weights_key: tuple | None, family: str = SD1) -> ModelCounts:
+    """Build the models on the meta device (no memory, no weights) and the adapter on them."""
     import torch
 
     with torch.device("meta"):
-        unet, text_encoder, vae = _meta_models(json.loads(unet_json), json.loads(text_json), json.loads(vae_json))
-        adapter, largest = _adapter_size(unet, text_encoder, network_key, weights_key)
-    unet_config = unet.config
+        unet, text_encoders, vae = _meta_models(json.loads(unet_json), [json.loads(text) for text in text_jsons],
+                                                json.loads(vae_json))
+        adapter, largest = _adapter_size(unet, text_encoders, network_key, weights_key)
+    sizes = [_parameters(encoder) for encoder in text_encoders] + [0, 0]
     return ModelCounts(
-        unet=_parameters(unet), text_encoder=_parameters(text_encoder), vae=_parameters(vae), adapter=adapter,
-        largest_adapted_weight=largest, activation_width=activation_width(unet_config),
-        latent_downscale=2 ** (len(vae.config.block_out_channels) - 1),
+        unet=_parameters(unet), text_encoder=sizes[0], vae=_parameters(vae), adapter=adapter,
+        largest_adapted_weight=largest, activation_width=activation_width(unet.config),
+        latent_downscale=2 ** (len(vae.config.block_out_channels) - 1), text_encoder_2=sizes[1], family=family,
     )
 
 
-def _meta_models(unet_config: dict, text_config: dict, vae_config: dict):
+def _meta_models(unet_config: dict, text_configs: list[dict], vae_config: dict):
+    """The U-Net, the text encoders (CLIPTextModelWithProjection where the config's ``architectures`` says so, as
+    SDXL's second does) and the VAE."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    return (UNet2DConditionModel.from_config(unet_config), CLIPTextModel(CLIPTextConfig.from_dict(text_config)),
-            AutoencoderKL.from_config(vae_config))
+    encoders = []
+    for text_config in text_configs:
+        projected = any("WithProjection" in name for name in text_config.get("architectures") or [])
+        model_class = CLIPTextModelWithProjection if projected else CLIPTextModel
+        encoders.append(model_class(CLIPTextConfig.from_dict(text_config)))
+    return UNet2DConditionModel.from_config(unet_config), encoders, AutoencoderKL.from_config(vae_config)
 
 
-def _adapter_size(unet, text_encoder, network_key: tuple, weights_key: tuple | None) -> tuple[int, int]:
+def _adapter_size(unet, text_encoders: list, network_key: tuple, weights_key: tuple | None) -> tuple[int, int]:
     """(trainable adapter parameters, the largest adapted layer's weight size), from create_network as the training
     loop calls it, or from the tensors of ``network_weights`` when the network takes its dims from that file
     (dim_from_weights)."""
     from lycolab.networks import create_network
 
     kwargs, train_unet, train_text_encoder = dict(network_key[0]), network_key[1], network_key[2]
-    network = create_network(unet if train_unet else None, [text_encoder] if train_text_encoder else [], **kwargs)
+    network = create_network(unet if train_unet else None, text_encoders if train_text_encoder else [], **kwargs)
     network.restore()
     largest = max((math.prod(adapter.weight_shape) for adapter in network.adapters), default=0)
     if weights_key is not None:
@@ -589,61 +713,97 @@ def workload(dataset) -> Workload:
 def seconds_per_step(config: TrainConfig, device: DeviceChoice, load: Workload, steps_per_epoch: int,
                      counts: ModelCounts, precision: Precision) -> float:
     """One epoch's batches timed by the table and factors above, divided into its optimizer steps."""
+    profile = PROFILES[counts.family]
     factor = precision.slowdown * ALGORITHM_SLOWDOWN.get(_algorithm(config), 1.0)
-    factor *= min(counts.activation_width / SD_ACTIVATION_WIDTH, 1.0)  # a smaller U-Net than SD's: less work
+    factor *= min(counts.activation_width / profile.activation_width, 1.0)  # a smaller U-Net than its family's
     if config.gradient_checkpointing:
         factor *= GRADIENT_CHECKPOINTING_SLOWDOWN
     if not (config.cache_latents or config.cache_latents_to_disk):
         factor *= UNCACHED_LATENTS_SLOWDOWN
     batch_one = 1 / device.spec.iterations_per_second
-    epoch = sum(batch_one * (FIXED_STEP_SHARE + (1 - FIXED_STEP_SHARE) * images * pixels / REFERENCE_PIXELS)
-                for images, pixels in load.batches)
+    per_pixel = (1 - FIXED_STEP_SHARE) * profile.pixel_cost / REFERENCE_PIXELS
+    epoch = sum(batch_one * (FIXED_STEP_SHARE + per_pixel * images * pixels) for images, pixels in load.batches)
     return epoch * factor / max(steps_per_epoch, 1)
 
 
-def vram_breakdown(config: TrainConfig, device: DeviceChoice, load: Workload, counts: ModelCounts,
-                   precision: Precision, optimizer_bytes: float) -> dict[str, float]:
-    """Bytes per part of the peak: frozen models in the loop's dtypes, the adapter (fp32 weights + fp32 gradients +
-    optimizer state, + an fp16 copy under autocast), the larger of U-Net activations and VAE encoding, the context."""
+def text_encoders_cached(config: TrainConfig) -> bool:
+    """Whether the text encoders leave the GPU once their outputs are cached (the loop moves them to the CPU, as
+    sd-scripts' sdxl_train_network.py does; only sampling brings them back). config.py refuses the cache with a
+    text-encoder adapter; read with getattr so a config from before the option existed still works."""
+    return bool(getattr(config, "cache_text_encoder_outputs", False)
+                or getattr(config, "cache_text_encoder_outputs_to_disk", False))
+
+
+def vram_phases(config: TrainConfig, device: DeviceChoice, load: Workload, counts: ModelCounts,
+                precision: Precision, optimizer_bytes: float) -> dict[str, dict[str, float]]:
+    """Bytes per part at each moment that can be the peak, by name.
+
+    "training": the frozen models in the loop's dtypes (the text encoders only while their outputs are not cached),
+    the adapter (fp32 weights + fp32 gradients + optimizer state, + an fp16 copy under autocast), the U-Net's
+    activations (or, without cached latents, the VAE encoding each batch when that is larger), the CUDA context.
+    Before it, with cached latents, "caching latents": every model still on the GPU (the loop caches latents before
+    the text encoders' outputs, and only then moves the text encoders off) and the adapter's weights (its gradients
+    and optimizer state come with the first step) while the VAE encodes ``vae_batch_size`` images; with only the
+    text-encoder outputs cached, "caching text-encoder outputs": the same without the VAE's work.
+    """
     adapter_bytes = counts.adapter * (4 + 4 + optimizer_bytes + (2 if precision.mixed else 0))
     algo = _algorithm(config)
     if algo in ("loha", "lokr"):  # merged-weight buffers (lycolab.networks.merged_weight.WORKSPACE), ~3 slots
         adapter_bytes += 3 * counts.largest_adapted_weight * 4
+    profile = PROFILES[counts.family]
     latent_pixels = load.largest_batch_pixels / counts.latent_downscale**2
-    per_pixel = ACTIVATION_KIB_PER_LATENT_PIXEL[(config.gradient_checkpointing, 2 if precision.mixed else 4)] * KIB
-    scale = counts.activation_width / SD_ACTIVATION_WIDTH * ACTIVATION_ALGORITHM_FACTOR.get(algo, 1.0)
+    key = (config.gradient_checkpointing, 2 if precision.mixed else 4)
+    per_pixel = profile.kib_per_latent_pixel[key] * KIB
+    scale = counts.activation_width / profile.activation_width * ACTIVATION_ALGORITHM_FACTOR.get(algo, 1.0)
     activations = latent_pixels * per_pixel * scale * ACTIVATION_MARGIN
     caching = config.cache_latents or config.cache_latents_to_disk
     encoded_images = min(config.vae_batch_size, load.largest_batch_images) if caching else load.largest_batch_images
     vae_encode = encoded_images * (load.largest_batch_pixels / load.largest_batch_images) * VAE_ENCODE_BYTES_PER_PIXEL
-    parts = {
-        "U-Net": counts.unet * precision.weight_bytes,
-        "text encoder": counts.text_encoder * precision.weight_bytes,
-        "VAE": counts.vae * 4,
-        "adapter": adapter_bytes,
-        "activations": max(activations, vae_encode),
-    }
-    if not device.is_cpu:
-        parts["CUDA context"] = CUDA_CONTEXT_GIB * GIB
-    return parts
+    text_label = "text encoders" if counts.text_encoder_2 else "text encoder"
+    models = {"U-Net": counts.unet * precision.weight_bytes, text_label: counts.text_encoders * precision.weight_bytes,
+              "VAE": counts.vae * 4}
+    context = {} if device.is_cpu else {"CUDA context": CUDA_CONTEXT_GIB * GIB}
+    on_gpu = {name: value for name, value in models.items()
+              if not (name == text_label and text_encoders_cached(config))}
+    training = {**on_gpu, "adapter": adapter_bytes,
+                "activations": activations if caching else max(activations, vae_encode), **context}
+    phases = {"training": training}
+    if caching:
+        phases["caching latents"] = {**models, "adapter": counts.adapter * 4, "VAE encoding": vae_encode, **context}
+    elif text_encoders_cached(config):
+        phases["caching text-encoder outputs"] = {**models, "adapter": counts.adapter * 4, **context}
+    return phases
 
 
-def estimate(config: TrainConfig, device: str | None = None, session_hours: float | None = None
-             ) -> TrainingEstimate:
+def vram_breakdown(config: TrainConfig, device: DeviceChoice, load: Workload, counts: ModelCounts,
+                   precision: Precision, optimizer_bytes: float) -> dict[str, float]:
+    """Bytes per part at the peak: the larger of :func:`vram_phases` (training when they tie)."""
+    return _peak(vram_phases(config, device, load, counts, precision, optimizer_bytes))[1]
+
+
+def _peak(phases: dict[str, dict[str, float]]) -> tuple[str, dict[str, float]]:
+    return max(phases.items(), key=lambda item: (sum(item[1].values()), item[0] == "training"))
+
+
+def estimate(config: TrainConfig, device: str | None = None, session_hours: float | None = None,
+             family: str | None = None) -> TrainingEstimate:
     """Steps, time per step, VRAM needed vs available and whether the run fits a Colab session, for ``config`` on
     ``device`` (a name from :data:`DEVICES` such as "T4", or None for this runtime's GPU or CPU).
 
-    ``session_hours`` overrides the device's usual Colab session length. All numbers but the steps are estimates:
-    see the module docstring and the constants for where each comes from.
+    ``session_hours`` overrides the device's usual Colab session length. ``family`` ("sd1", "sd2" or "sdxl") says
+    which architecture to count when the model's files are not on this machine (an SDXL hub id before it is
+    downloaded); files that are there say it themselves. All numbers but the steps are estimates: see the module
+    docstring and the constants for where each comes from.
     """
     choice = choose_device(device)
     plan, dataset = run_plan(config)
-    counts, model_note = model_counts(config)
+    counts, model_note = model_counts(config, family)
     precision = training_precision(config, choice)
     optimizer_bytes, optimizer_note = optimizer_state_bytes(config, choice)
     load = workload(dataset)
     per_step = seconds_per_step(config, choice, load, plan.steps_per_epoch, counts, precision)
-    parts = vram_breakdown(config, choice, load, counts, precision, optimizer_bytes)
+    phases = vram_phases(config, choice, load, counts, precision, optimizer_bytes)
+    phase, parts = _peak(phases)
     needed = sum(parts.values()) / GIB
     fits_vram = choice.available_gib is None or needed <= choice.available_gib
     total = per_step * plan.total_steps
@@ -653,15 +813,34 @@ def estimate(config: TrainConfig, device: str | None = None, session_hours: floa
                               fits_session, choice.label, session_hours=hours, epochs=plan.epochs,
                               steps_per_epoch=plan.steps_per_epoch,
                               vram_breakdown_gib={name: value / GIB for name, value in parts.items()})
-    advice = _advice(config, result, parts, load, counts, precision, lambda c: estimate(c, device, session_hours))
-    notes = [*choice.notes, model_note, precision.note, optimizer_note, *advice, _speed_note(choice)]
+
+    def again(changed: TrainConfig) -> TrainingEstimate:
+        return estimate(changed, device, session_hours, family)
+
+    advice = _advice(config, result, phases["training"], load, counts, precision, again)
+    notes = [*choice.notes, model_note, precision.note, optimizer_note, _phase_note(config, phase, phases),
+             *advice, _speed_note(choice, counts)]
     result.notes = [note for note in notes if note]
     return result
 
 
-def _speed_note(choice: DeviceChoice) -> str:
+def _phase_note(config: TrainConfig, phase: str, phases: dict[str, dict[str, float]]) -> str | None:
+    """Say so when the peak is not training itself, and what training alone needs."""
+    if phase == "training":
+        return None
+    text = f"the peak is while {phase.replace('caching', 'caching the')} with every model on the GPU"
+    if phase == "caching latents":
+        text += f" (the VAE encoding {config.vae_batch_size} image(s) at once)"
+    if text_encoders_cached(config):
+        text += "; the text encoders leave it once their outputs are cached"
+    return text + f": training itself needs ~{sum(phases['training'].values()) / GIB:.1f} GiB"
+
+
+def _speed_note(choice: DeviceChoice, counts: ModelCounts | None = None) -> str:
+    sdxl = "" if counts is None or counts.family != SDXL else (
+        f", x{SDXL_STEP_TIME_AT_1024:g} for an SDXL step at 1024 px")
     return (f"times scale the {choice.spec.name}'s {choice.spec.iterations_per_second:.3g} it/s for SD 1.5 LoRA at "
-            f"512 px batch 1 ({choice.spec.quality}; sources in lycolab/estimate.py); real runs vary by ±50%")
+            f"512 px batch 1 ({choice.spec.quality}; sources in lycolab/estimate.py){sdxl}; real runs vary by ±50%")
 
 
 def _advice(config: TrainConfig, result: TrainingEstimate, parts: dict[str, float], load: Workload,

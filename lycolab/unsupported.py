@@ -52,8 +52,6 @@ REFUSED_OPTIONS: dict[str, tuple[Any, str]] = {
     "async_upload": (False, _HUB),
     "torch_compile": (False, "torch.compile is not supported"),
     "dynamo_backend": ("inductor", "torch.compile is not supported"),
-    "full_fp16": (False, "full fp16 training is not supported; mixed_precision fp16 keeps the adapter in float32"),
-    "full_bf16": (False, "full bf16 training is not supported; mixed_precision bf16 keeps the adapter in float32"),
     "ddp_timeout": (None, _DDP),
     "ddp_gradient_as_bucket_view": (False, _DDP),
     "ddp_static_graph": (False, _DDP),

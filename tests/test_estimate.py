@@ -4,6 +4,7 @@ speed: times come from the table in lycolab/estimate.py."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -13,11 +14,19 @@ from lycolab.config import load_config
 from lycolab.estimate import (
     DEVICES,
     GRADIENT_CHECKPOINTING_SLOWDOWN,
+    SDXL_STEP_TIME_AT_1024,
     TrainingEstimate,
     _counts,
+    choose_device,
     estimate,
     match_gpu_name,
+    model_configs,
     model_counts,
+    optimizer_state_bytes,
+    run_plan,
+    training_precision,
+    vram_phases,
+    workload,
 )
 
 SD15 = "runwayml/stable-diffusion-v1-5"
@@ -25,6 +34,16 @@ SD15 = "runwayml/stable-diffusion-v1-5"
 GUIDE = {"pretrained_model_name_or_path": SD15, "v2": False, "resolution": "512", "caption_extension": ".txt",
          "network_dim": 32, "network_alpha": 16, "mixed_precision": "fp16", "train_batch_size": 6,
          "optimizer_type": "AdamW8bit", "cache_latents": True, "xformers": True, "max_train_epochs": 10}
+
+
+SDXL = "stabilityai/stable-diffusion-xl-base-1.0"
+# The documented SDXL plan for a free T4: LoRA dim 32 on the U-Net only, 1024 px, batch 1, fp16, AdamW8bit, latents
+# and text-encoder outputs cached, gradient checkpointing.
+SDXL_T4_PLAN = {"pretrained_model_name_or_path": SDXL, "resolution": "1024", "caption_extension": ".txt",
+                "network_dim": 32, "network_alpha": 16, "network_train_unet_only": True, "mixed_precision": "fp16",
+                "train_batch_size": 1, "optimizer_type": "AdamW8bit", "cache_latents": True,
+                "cache_text_encoder_outputs": True, "gradient_checkpointing": True, "xformers": True,
+                "max_train_epochs": 10}
 
 
 @pytest.fixture
@@ -232,3 +251,158 @@ def test_repeated_estimates_reuse_the_counts(sd15_config, no_downloads):
     hits = _counts.cache_info().hits
     again = estimate(sd15_config(train_batch_size=2), "L4")
     assert _counts.cache_info().hits > hits and math.isfinite(again.total_seconds)
+
+
+# ------------------------------------------------------------------------------------------------------------ SDXL
+
+
+@pytest.fixture
+def sdxl_config(tmp_path):
+    """A config for SDXL by hub name (never downloaded) over 4 small images × 5 repeats."""
+    train = tmp_path / "train"
+    write_images(train / "5_shapes", [(64, 64)] * 4, ["sks, a shape"])
+
+    def make(**overrides):
+        return load_config(overrides={**SDXL_T4_PLAN, "train_data_dir": str(train), **overrides})
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def tiny_sdxl_dir(tmp_path_factory):
+    from lycolab.models.tiny_sdxl import save_tiny_sdxl
+
+    return save_tiny_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl")
+
+
+def test_sdxl_by_hub_name_has_sdxls_sizes_without_a_download(sdxl_config, no_downloads):
+    """With family="sdxl" the real SDXL base configs are counted on the meta device: the 2.57 B U-Net, CLIP ViT-L
+    and OpenCLIP bigG with its projection, SD's VAE."""
+    counts, note = model_counts(sdxl_config(), family="sdxl")
+    assert (counts.family, counts.unet, counts.text_encoder, counts.text_encoder_2, counts.vae) == (
+        "sdxl", 2_567_463_684, 123_060_480, 694_659_840, 83_653_863)
+    # kohya LoRA dim 32 on SDXL's U-Net only: 85.1 M parameters (a 170 MB fp16 file; dim 64 is the ~325 MB users
+    # report in kohya-ss/sd-scripts#695)
+    assert counts.adapter == 85_114_880
+    assert "SDXL architecture was assumed" in note and 'family = "sdxl"' in note
+
+
+def test_an_sdxl_hub_id_not_on_disk_keeps_the_v2_fallback(sdxl_config, no_downloads):
+    counts, note = model_counts(sdxl_config())
+    assert counts.family == "sd1" and counts.text_encoder_2 == 0
+    assert "SD 1.x architecture was assumed" in note and 'family="sdxl"' in note
+    with pytest.raises(ValueError, match="unknown model family 'sd3'"):
+        model_counts(sdxl_config(), family="sd3")
+
+
+def test_the_tiny_sdxl_folder_is_counted_exactly(tiny_sdxl_dir, tmp_path):
+    """Its own configs are read (family from the folder, text_encoder_2 included), so every count is exact."""
+    from lycolab.models.tiny_sdxl import build_tiny_sdxl
+    from lycolab.networks import create_network
+
+    make_shapes_dataset(tmp_path / "train")
+    config = load_config(overrides={"pretrained_model_name_or_path": str(tiny_sdxl_dir), "resolution": "64",
+                                    "train_data_dir": str(tmp_path / "train"), "caption_extension": ".txt",
+                                    "network_dim": 8, "network_alpha": 4})
+    counts, note = model_counts(config)
+    tiny = build_tiny_sdxl()
+    assert note is None and counts.family == "sdxl"
+    assert counts.unet == sum(p.numel() for p in tiny.unet.parameters())
+    assert counts.text_encoder == sum(p.numel() for p in tiny.text_encoder.parameters())
+    assert counts.text_encoder_2 == sum(p.numel() for p in tiny.text_encoder_2.parameters())
+    assert counts.vae == sum(p.numel() for p in tiny.vae.parameters())
+    network = create_network(tiny.unet, [tiny.text_encoder, tiny.text_encoder_2], algo="lora", dim=8, alpha=4)
+    assert counts.adapter == sum(p.numel() for p in network.parameters())
+
+
+def test_the_tiny_sdxl_estimate_works_end_to_end(tiny_sdxl_dir, tmp_path):
+    from lycolab.data.dataset import BucketedDataset
+    from lycolab.training.loop import plan_run
+
+    make_shapes_dataset(tmp_path / "train")
+    overrides = {"pretrained_model_name_or_path": str(tiny_sdxl_dir), "resolution": "64", "caption_extension": ".txt",
+                 "train_data_dir": str(tmp_path / "train"), "max_train_epochs": 2, "mixed_precision": "fp16"}
+    config = load_config(overrides=overrides)
+    plan = plan_run(config, BucketedDataset(config.datasets, config.train_batch_size))
+    for device in ("CPU", "T4"):
+        result = estimate(config, device)
+        assert result.steps == plan.total_steps and result.fits_vram and math.isfinite(result.total_seconds)
+        assert "text encoders" in result.vram_breakdown_gib and "estimate" in str(result)
+        assert not any("architecture was assumed" in note for note in result.notes)
+    cached = estimate(load_config(overrides={**overrides, "cache_text_encoder_outputs": True,
+                                             "network_train_unet_only": True}), "T4")
+    assert cached.vram_needed_gib < estimate(config, "T4").vram_needed_gib
+
+
+def test_the_sdxl_t4_plan_fits_a_t4(sdxl_config, no_downloads):
+    """The documented plan: SDXL LoRA dim 32, 1024 px, batch 1, cached latents and text-encoder outputs, gradient
+    checkpointing, fp16 — ~9.4 GiB at its peak (caching latents, the text encoders still on the GPU), ~7.4 GiB while
+    training, under the T4's 14.75 GiB (kohya's README: SDXL LoRA "can be done with 8GB GPU memory (10GB
+    recommended)" with these options)."""
+    plan = estimate(sdxl_config(), "T4", family="sdxl")
+    assert plan.vram_available_gib == DEVICES["T4"].memory_gib
+    assert plan.fits_vram and 8 < plan.vram_needed_gib < 12
+    assert any("caching the latents" in note and "training itself needs ~7" in note for note in plan.notes)
+    # batch 1 at 1024 px with cached latents: the T4's SD 1.5 time x the documented SDXL factor x checkpointing
+    assert plan.seconds_per_step == pytest.approx(
+        SDXL_STEP_TIME_AT_1024 * GRADIENT_CHECKPOINTING_SLOWDOWN / DEVICES["T4"].iterations_per_second)
+
+
+def test_sdxl_without_checkpointing_and_caching_does_not_fit_a_t4(sdxl_config, no_downloads):
+    """~8.9 GiB of activations at 1024 px and both text encoders on the GPU: ~17 GiB; the advice names gradient
+    checkpointing, which fits."""
+    result = estimate(sdxl_config(gradient_checkpointing=False, cache_latents=False,
+                                  cache_text_encoder_outputs=False), "T4", family="sdxl")
+    assert not result.fits_vram and result.vram_needed_gib > 15
+    assert result.vram_breakdown_gib["activations"] > 8 and "text encoders" in result.vram_breakdown_gib
+    assert any("gradient_checkpointing" in note and ": fits)" in note for note in result.notes)
+
+
+def test_cached_text_encoder_outputs_take_the_text_encoders_off_the_gpu_for_training(sdxl_config, no_downloads):
+    device = choose_device("T4")
+    phases = {}
+    for cached in (False, True):
+        config = sdxl_config(cache_text_encoder_outputs=cached)
+        counts, _ = model_counts(config, family="sdxl")
+        phases[cached] = vram_phases(config, device, workload(run_plan(config)[1]), counts,
+                                     training_precision(config, device), optimizer_state_bytes(config, device)[0])
+    assert "text encoders" in phases[False]["training"] and "text encoders" not in phases[True]["training"]
+    assert phases[True]["caching latents"]["text encoders"] == pytest.approx((123_060_480 + 694_659_840) * 2)
+
+
+def test_network_train_unet_only_and_text_encoder_only_split_the_adapter(sd15_config, no_downloads):
+    both, _ = model_counts(sd15_config())
+    unet_only, _ = model_counts(sd15_config(network_train_unet_only=True))
+    text_only, _ = model_counts(sd15_config(network_train_text_encoder_only=True))
+    assert text_only.adapter == 5_308_416  # CLIP ViT-L: 12 layers x (4 attention + 2 MLP projections) at dim 32
+    assert unet_only.adapter + text_only.adapter == both.adapter == 18_874_368
+
+
+def test_files_win_over_a_wrong_family(tiny_model_dir, tmp_path):
+    make_shapes_dataset(tmp_path / "train")
+    config = load_config(overrides={"pretrained_model_name_or_path": str(tiny_model_dir), "resolution": "64",
+                                    "train_data_dir": str(tmp_path / "train"), "caption_extension": ".txt"})
+    configs = model_configs(config, family="sdxl")
+    assert configs.family == "sd1" and len(configs.text_encoders) == 1 and "files say SD 1.x" in configs.note
+
+
+def test_an_sdxl_hub_id_in_the_local_cache_is_read_from_it(tiny_sdxl_dir, tmp_path, monkeypatch, no_downloads):
+    """A hub id step 04 has downloaded: its cached configs say SDXL (text_encoder_2 included), no family needed."""
+    import shutil
+
+    import huggingface_hub.constants
+
+    snapshot = tmp_path / "hub" / "models--someone--tiny-sdxl" / "snapshots" / "abc123"
+    for part in ("unet", "text_encoder", "text_encoder_2", "vae"):
+        (snapshot / part).mkdir(parents=True)
+        shutil.copy(tiny_sdxl_dir / part / "config.json", snapshot / part / "config.json")
+    shutil.copy(tiny_sdxl_dir / "model_index.json", snapshot / "model_index.json")
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    make_shapes_dataset(tmp_path / "train")
+    config = load_config(overrides={"pretrained_model_name_or_path": "someone/tiny-sdxl", "resolution": "64",
+                                    "train_data_dir": str(tmp_path / "train"), "caption_extension": ".txt"})
+    configs = model_configs(config)
+    assert configs.family == "sdxl" and len(configs.text_encoders) == 2 and configs.note is None
+    assert configs.unet == json.loads((tiny_sdxl_dir / "unet" / "config.json").read_text())

@@ -217,3 +217,48 @@ def test_v2_is_refused_for_an_sdxl_model(sdxl_dir, tmp_path):
 
     with pytest.raises(TrainingError, match="SDXL"):
         train(_config(sdxl_dir, tmp_path, v2=True), progress=False)
+
+
+def test_full_bf16_trains_the_adapter_itself_in_bf16(sdxl_dir, tmp_path):
+    from lycolab.training.loop import Trainer
+
+    config = _config(sdxl_dir, tmp_path, mixed_precision="bf16", full_bf16=True, network_train_unet_only=True)
+    trainer = Trainer(config, progress=False)
+    result = trainer.train()
+    assert {parameter.dtype for parameter in trainer.network.parameters()} == {torch.bfloat16}
+    assert result.total_steps == 2 and all(torch.isfinite(torch.tensor(result.history.losses)))
+
+
+@pytest.mark.parametrize(("key", "precision"), [("full_fp16", "bf16"), ("full_bf16", "no")])
+def test_full_precision_needs_its_mixed_precision(sdxl_dir, tmp_path, key, precision):
+    config = _config(sdxl_dir, tmp_path, mixed_precision=precision, **{key: True})
+    with pytest.raises(ConfigError, match=f"{key} needs mixed_precision"):
+        load_config(write_config_file(config, tmp_path / "config.toml"))
+
+
+def test_network_weights_in_the_diffusers_layout_load_into_sd_scripts_names(sdxl_dir, tmp_path):
+    from safetensors.torch import save_file
+
+    from lycolab.networks import create_network
+    from lycolab.networks.naming import sgm_paths
+    from lycolab.training.loop import Trainer
+
+    parts = build_tiny_sdxl()
+    network = create_network(parts.unet, None, dim=4, alpha=2)
+    with torch.no_grad():
+        for index, parameter in enumerate(network.parameters()):
+            parameter.fill_(0.01 * (index + 1))
+    to_diffusers = {"lora_unet_" + sgm.replace(".", "_"): "lora_unet_" + path.replace(".", "_")
+                    for path, sgm in sgm_paths(parts.unet).items()}
+    tensors = {}
+    for key, value in network.state_dict().items():
+        module_name, _, rest = key.partition(".")
+        tensors[f"{to_diffusers[module_name]}.{rest}"] = value.contiguous()
+    assert any("down_blocks" in key for key in tensors)
+    save_file(tensors, str(tmp_path / "diffusers_layout.safetensors"))
+    config = _config(sdxl_dir, tmp_path, network_train_unet_only=True,
+                     network_weights=str(tmp_path / "diffusers_layout.safetensors"))
+    trainer = Trainer(config, progress=False)
+    trainer.setup()
+    for key, value in network.state_dict().items():
+        assert torch.equal(trainer.network.state_dict()[key], value), key

@@ -134,6 +134,8 @@ def test_configure_names_what_is_missing_or_wrong(ws, tiny_model_dir):
     with pytest.raises(NotebookError, match="network_category must be one of LoRA, LoCon"):
         configure.configure(ws, network_category="DoRA")
     with pytest.raises(NotebookError, match="model_version must be auto or one of"):
+        configure.configure(ws, model_version="SD 3")
+    with pytest.raises(NotebookError, match="is an SD 1.x model"):
         configure.configure(ws, model_version="SDXL")
     with pytest.raises(NotebookError, match="lr_scheduler must be one of"):
         configure.configure(ws, lr_scheduler="sometimes", resolution=64)

@@ -68,6 +68,8 @@ class Preset:
     kind: str = "model"
     v2: bool = False
     v_parameterization: bool = False
+    sdxl: bool = False
+    zero_terminal_snr: bool = False  # v-prediction SDXL models trained with it (NoobAI-XL v-pred)
 
 
 def load_presets() -> dict[str, Preset]:

@@ -72,17 +72,63 @@ def _network(category: str, network_dim: int, network_alpha: float, conv_dim: in
             "network_args": args}
 
 
-# The model form's choices → (v2, v_parameterization); "auto" keeps what step 02 found.
-MODEL_VERSIONS = {"SD 1.x": (False, False), "SD 2.x (512, base)": (True, False),
-                  "SD 2.x (768, v-prediction)": (True, True)}
+@dataclass(frozen=True)
+class ModelVersion:
+    v2: bool = False
+    v_parameterization: bool = False
+    sdxl: bool = False
+    zero_terminal_snr: bool = False
 
 
-def _model_version(workspace: Workspace, model_version: str) -> tuple[bool, bool]:
+# The model form's choices; "auto" keeps what step 02 found.
+MODEL_VERSIONS = {"SD 1.x": ModelVersion(), "SD 2.x (512, base)": ModelVersion(v2=True),
+                  "SD 2.x (768, v-prediction)": ModelVersion(v2=True, v_parameterization=True),
+                  "SDXL": ModelVersion(sdxl=True),
+                  "SDXL (v-prediction, zero terminal SNR)": ModelVersion(v_parameterization=True, sdxl=True,
+                                                                         zero_terminal_snr=True)}
+# What "auto" (0 for numbers) means per family: SDXL trains at 1024 px in 512–2048 buckets, on the U-Net alone with
+# its text encoders' outputs cached and gradient checkpointing (the plan that fits a 15 GB T4).
+AUTO_SETTINGS = {
+    False: {"resolution": 512, "min_bucket_reso": 256, "max_bucket_reso": 1024, "network_train_unet_only": False,
+            "cache_text_encoder_outputs": False, "gradient_checkpointing": False},
+    True: {"resolution": 1024, "min_bucket_reso": 512, "max_bucket_reso": 2048, "network_train_unet_only": True,
+           "cache_text_encoder_outputs": True, "gradient_checkpointing": True},
+}
+
+
+def _model_version(workspace: Workspace, model_version: str) -> ModelVersion:
     if model_version == "auto":
-        return bool(workspace.recall("v2", False)), bool(workspace.recall("v_parameterization", False))
+        return ModelVersion(*(bool(workspace.recall(name, False)) for name in (
+            "v2", "v_parameterization", "sdxl", "zero_terminal_snr")))
     if model_version not in MODEL_VERSIONS:
         raise ValueError(f"model_version must be auto or one of {', '.join(MODEL_VERSIONS)} (got {model_version!r})")
     return MODEL_VERSIONS[model_version]
+
+
+def _check_family(model: str, version: ModelVersion) -> None:
+    """The chosen model version against what the model's own files say (when they say it)."""
+    from lycolab.models.detect import SD1, SD2, SDXL, model_family
+
+    family = model_family(model)
+    chosen = SDXL if version.sdxl else SD2 if version.v2 else SD1
+    if family is not None and family != chosen:
+        names = {SD1: "an SD 1.x", SD2: "an SD 2.x", SDXL: "an SDXL"}
+        raise ValueError(f"model_version is {names[chosen][3:]} but {model} is {names[family]} model; choose auto")
+
+
+def _resolved(name: str, value, version: ModelVersion):
+    """A form value, or for "auto" (0 for numbers) the model family's default (:data:`AUTO_SETTINGS`)."""
+    if isinstance(value, bool):
+        return value
+    if value in ("auto", 0, None):
+        if name == "resolution" and version.v2 and version.v_parameterization:
+            return 768
+        return AUTO_SETTINGS[version.sdxl][name]
+    if isinstance(value, str):
+        if value not in ("yes", "no"):
+            raise ValueError(f"{name} must be auto, yes or no (got {value!r})")
+        return value == "yes"
+    return value
 
 
 def _optional(value: float | int) -> float | int | None:
@@ -108,15 +154,22 @@ def _optimizer_args(text: str) -> list[str]:
     return [item.strip().rstrip(",") for item in text.split() if item.strip().rstrip(",")]
 
 
-def _clip_skip(clip_skip: int, v2: bool) -> int:
-    """0 = automatic: 2 for SD 1.x (the anime models' habit), 1 for SD 2.x (trained on the penultimate layer)."""
-    return clip_skip if clip_skip and clip_skip > 0 else 1 if v2 else 2
+def _clip_skip(clip_skip: int, version: ModelVersion) -> int | None:
+    """0 = automatic: 2 for SD 1.x (the anime models' habit), 1 for SD 2.x (trained on the penultimate layer), not
+    set for SDXL (which always uses its penultimate layers; sd-scripts warns when it is set)."""
+    if clip_skip and clip_skip > 0:
+        return clip_skip
+    return None if version.sdxl else 1 if version.v2 else 2
 
 
-def dim_advice(category: str, network_dim: int, network_alpha: float, conv_dim: int) -> list[str]:
+def dim_advice(category: str, network_dim: int, network_alpha: float, conv_dim: int, sdxl: bool = False
+               ) -> list[str]:
     """A note when dim or alpha is outside what is recommended for ``category`` (never an error: they are habits)."""
     (low, high), recommendation = RECOMMENDED_DIMS.get(category, ((1, 1024), ""))
     notes = []
+    if sdxl and not 8 <= network_dim <= 32:
+        notes.append(f"SDXL: network_dim {network_dim} — 8–32 is usual for SDXL (its layers are wider; a T4 fits "
+                     "dim 32 at 1024 px with the SDXL defaults)")
     if not low <= network_dim <= high or network_alpha > network_dim:
         notes.append(f"{category}: network_dim {network_dim} / alpha {network_alpha:g} — recommended: "
                      f"{recommendation}")
@@ -150,16 +203,17 @@ def _regularization(workspace: Workspace, reg_images: str, class_prompt: str, re
 @one_line_errors
 def configure(workspace: Workspace, *, model_version: str = "auto", pretrained_model_name_or_path: str = "",
               vae: str = "",
-              dataset_repeats: int = 10, caption_extension: str = "", resolution: int = 512, flip_aug: bool = False,
+              dataset_repeats: int = 10, caption_extension: str = "", resolution: int = 0, flip_aug: bool = False,
               keep_tokens: int = 0, shuffle_caption: bool = True, enable_bucket: bool = True,
-              min_bucket_reso: int = 256, max_bucket_reso: int = 1024, bucket_no_upscale: bool = False,
+              min_bucket_reso: int = 0, max_bucket_reso: int = 0, bucket_no_upscale: bool = False,
               network_category: str = "LoCon_Lycoris", network_dim: int = 32, network_alpha: float = 16,
               conv_dim: int = 8, conv_alpha: float = 4, unet_lr: float = 1e-4, text_encoder_lr: float = 5e-5,
-              network_train_unet_only: bool = False, optimizer_type: str = "AdamW8bit", optimizer_args: str = "",
+              network_train_unet_only: bool | str = "auto", cache_text_encoder_outputs: bool | str = "auto",
+              optimizer_type: str = "AdamW8bit", optimizer_args: str = "",
               lr_scheduler: str = "constant", lr_warmup_steps: int = 0, lr_scheduler_num_cycles: int = 1,
               num_epochs: int = 10, train_batch_size: int = 6, mixed_precision: str = "fp16",
               save_precision: str = "fp16", save_every_n_epochs: int = 1, save_state: bool = False,
-              max_token_length: int = 225, clip_skip: int = 0, gradient_checkpointing: bool = False,
+              max_token_length: int = 225, clip_skip: int = 0, gradient_checkpointing: bool | str = "auto",
               gradient_accumulation_steps: int = 1, seed: int = -1, lowram: bool = True, xformers: bool = True,
               cache_latents: bool = True, noise_offset: float = 0.0, min_snr_gamma: float = 0.0,
               enable_sample_prompt: bool = True, sampler: str = "euler_a", sample_prompts: str = "",
@@ -170,8 +224,10 @@ def configure(workspace: Workspace, *, model_version: str = "auto", pretrained_m
     """Write both TOML files (and the sample prompts) from the form, validate them and return the plan.
 
     Where the form cannot say "not set", 0 means it (and -1 for the seed); ``clip_skip`` 0 and
-    ``caption_extension`` "auto" pick per model and from step 04. ``save_last_n_epochs_state`` defaults to 1: one
-    state (enough to resume) instead of one per epoch on a 15 GB Drive.
+    ``caption_extension`` "auto" pick per model and from step 04. ``resolution``, the bucket range (0),
+    ``network_train_unet_only``, ``cache_text_encoder_outputs`` and ``gradient_checkpointing`` ("auto") follow the
+    model family (:data:`AUTO_SETTINGS`: SDXL's differ). ``save_last_n_epochs_state`` defaults to 1: one state
+    (enough to resume) instead of one per epoch on a 15 GB Drive.
     """
     from lycolab.config import load_config, write_config_file, write_dataset_config
     from lycolab.data.buckets import bucket_range_including
@@ -182,6 +238,22 @@ def configure(workspace: Workspace, *, model_version: str = "auto", pretrained_m
         raise ValueError("no base model: run step 02, or give pretrained_model_name_or_path")
     extension = caption_extension if caption_extension not in ("", "auto") else workspace.recall(
         "caption_extension", ".txt")
+    version = _model_version(workspace, model_version)
+    if model_version != "auto":
+        _check_family(model, version)
+    auto = {name: _resolved(name, value, version) for name, value in (
+        ("resolution", resolution), ("min_bucket_reso", min_bucket_reso), ("max_bucket_reso", max_bucket_reso),
+        ("network_train_unet_only", network_train_unet_only), ("gradient_checkpointing", gradient_checkpointing),
+        ("cache_text_encoder_outputs", cache_text_encoder_outputs))}
+    advice = []
+    if auto["cache_text_encoder_outputs"] and not auto["network_train_unet_only"]:
+        raise ValueError("cache_text_encoder_outputs needs network_train_unet_only: cached outputs cannot train the "
+                         "text encoders")
+    if auto["cache_text_encoder_outputs"] and shuffle_caption:
+        shuffle_caption = False
+        advice.append("captions are not shuffled: the text encoders' outputs are cached (set "
+                      "cache_text_encoder_outputs to no to shuffle them)")
+    resolution, min_bucket_reso, max_bucket_reso = auto["resolution"], auto["min_bucket_reso"], auto["max_bucket_reso"]
     datasets = folder_datasets(workspace.train_data, str(resolution), extension)
     regularization = _regularization(workspace, reg_images, class_prompt, reg_repeats, extension)
     for dataset in datasets:
@@ -194,16 +266,17 @@ def configure(workspace: Workspace, *, model_version: str = "auto", pretrained_m
         dataset.subsets += regularization
     dataset_file = write_dataset_config(datasets, workspace.dataset_config)
     prompt_file = _write_prompts(workspace, sample_prompts, sample_prompt_lines) if enable_sample_prompt else None
-    v2, v_parameterization = _model_version(workspace, model_version)
     weights = Path(network_weights.strip()).expanduser() if network_weights.strip() else None
     if weights is not None and not weights.is_file():
         raise ValueError(f"network_weights {weights}: file not found; give the .safetensors adapter to continue from")
     values = {
         "pretrained_model_name_or_path": model, "vae": vae.strip() or workspace.recall("vae", "") or None,
-        "v2": v2, "v_parameterization": v_parameterization,
+        "v2": version.v2, "v_parameterization": version.v_parameterization,
+        "zero_terminal_snr": version.zero_terminal_snr or None,
         **_network(network_category, network_dim, network_alpha, conv_dim, conv_alpha),
         "unet_lr": unet_lr, "text_encoder_lr": text_encoder_lr, "learning_rate": unet_lr,
-        "network_train_unet_only": network_train_unet_only, "optimizer_type": optimizer_type,
+        "network_train_unet_only": auto["network_train_unet_only"], "optimizer_type": optimizer_type,
+        "cache_text_encoder_outputs": auto["cache_text_encoder_outputs"] or None,
         "optimizer_args": _optimizer_args(optimizer_args),
         "lr_scheduler": lr_scheduler, "lr_warmup_steps": lr_warmup_steps,
         "lr_scheduler_num_cycles": lr_scheduler_num_cycles, "dataset_config": str(dataset_file),
@@ -212,8 +285,9 @@ def configure(workspace: Workspace, *, model_version: str = "auto", pretrained_m
         "save_every_n_epochs": _optional(save_every_n_epochs), "save_state": save_state,
         "train_batch_size": train_batch_size, "max_token_length": max_token_length if max_token_length > 75 else None,
         "xformers": xformers, "max_train_epochs": num_epochs, "seed": seed if seed >= 0 else None,
-        "gradient_checkpointing": gradient_checkpointing, "gradient_accumulation_steps": gradient_accumulation_steps,
-        "mixed_precision": mixed_precision, "clip_skip": _clip_skip(clip_skip, v2),
+        "gradient_checkpointing": auto["gradient_checkpointing"],
+        "gradient_accumulation_steps": gradient_accumulation_steps,
+        "mixed_precision": mixed_precision, "clip_skip": _clip_skip(clip_skip, version),
         "noise_offset": _optional(noise_offset), "vae_batch_size": vae_batch_size,
         "save_last_n_epochs": _optional(save_last_n_epochs),
         "save_last_n_epochs_state": _optional(save_last_n_epochs_state) if save_state else None,
@@ -226,7 +300,7 @@ def configure(workspace: Workspace, *, model_version: str = "auto", pretrained_m
     config = load_config(overrides={key: value for key, value in values.items() if value is not None})
     config_file = write_config_file(config, workspace.config_file)
     plan = _plan(load_config(config_file), config_file, dataset_file, network_category)
-    plan.advice = dim_advice(network_category, network_dim, network_alpha, conv_dim)
+    plan.advice = advice + dim_advice(network_category, network_dim, network_alpha, conv_dim, version.sdxl)
     if regularization:
         plan.advice.append(f"{len(regularization)} regularization folder(s) (is_reg), prior_loss_weight "
                            f"{prior_loss_weight:g}: as in sd-scripts they are repeated to match the training images, "

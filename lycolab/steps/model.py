@@ -14,6 +14,7 @@ from pathlib import Path
 
 from lycolab.colab import Workspace
 from lycolab.display import ShownAsTable, Table, one_line_errors
+from lycolab.models.detect import SD2, SDXL, model_family
 
 
 @dataclass(frozen=True)
@@ -22,12 +23,17 @@ class ModelChoice(ShownAsTable):
     vae: Path | None
     v2: bool
     v_parameterization: bool
+    sdxl: bool = False
+    zero_terminal_snr: bool = False
 
     def table(self) -> Table:
         rows = [{"part": "model", "path": str(self.model)}, {"part": "vae", "path": str(self.vae or "(built in)")}]
-        note = f"Stable Diffusion {'2.x' if self.v2 else '1.x'}" + (", v-prediction" if self.v_parameterization
-                                                                      else "")
-        return Table(rows, title="base model", notes=[note])
+        family = "SDXL" if self.sdxl else f"Stable Diffusion {'2.x' if self.v2 else '1.x'}"
+        note = family + (", v-prediction" if self.v_parameterization else "") + (
+            ", zero terminal SNR" if self.zero_terminal_snr else "")
+        notes = [note] + (["step 05 switches to SDXL's defaults: 1024 px, U-Net only, text-encoder outputs cached"]
+                          if self.sdxl else [])
+        return Table(rows, title="base model", notes=notes)
 
 
 def _fetch(source: str, folder: Path, token: str | None) -> Path:
@@ -59,21 +65,13 @@ def get_model(workspace: Workspace, model: str = "sd15", vae: str = "", hf_token
     model_path = _fetch(model, workspace.shared_models, _token(model, hf_token, civitai_token))
     vae_path = _fetch(vae, workspace.shared_models / "vae", _token(vae, hf_token, civitai_token)) if vae else None
     preset = load_presets().get(model)
-    v2 = bool(preset and preset.v2) or _looks_v2(model_path)
+    sdxl = bool(preset and preset.sdxl) or model_family(model_path) == SDXL
+    v2 = not sdxl and (bool(preset and preset.v2) or model_family(model_path) == SD2)
     v_parameterization = bool(preset and preset.v_parameterization)
+    zero_terminal_snr = bool(preset and preset.zero_terminal_snr)
     workspace.remember(model=str(model_path), vae=str(vae_path) if vae_path else "", v2=v2,
-                       v_parameterization=v_parameterization)
-    return ModelChoice(model_path, vae_path, v2, v_parameterization)
-
-
-def _looks_v2(path: Path) -> bool:
-    """A diffusers folder whose text encoder is OpenCLIP-sized (1024 wide) is SD 2.x."""
-    import json
-
-    config = path / "text_encoder" / "config.json"
-    if not config.is_file():
-        return False
-    return json.loads(config.read_text(encoding="utf-8")).get("hidden_size") == 1024
+                       v_parameterization=v_parameterization, sdxl=sdxl, zero_terminal_snr=zero_terminal_snr)
+    return ModelChoice(model_path, vae_path, v2, v_parameterization, sdxl, zero_terminal_snr)
 
 
 def presets() -> Table:

@@ -155,14 +155,15 @@ def _build_network(config: TrainConfig, parts: StableDiffusionParts, train_text_
                             network_args_dict(config), config.network_dropout)
     network = create_network(unet, text_encoders, **kwargs)
     if config.network_weights:
-        _load_weights_into(network, config.network_weights)
+        _load_weights_into(network, config.network_weights, unet)
     return network
 
 
-def _load_weights_into(network: AdapterNetwork, path: str) -> None:
+def _load_weights_into(network: AdapterNetwork, path: str, unet=None) -> None:
     from lycolab.networks.io import read_adapter_file
 
     tensors, _ = read_adapter_file(path)
+    tensors = _in_network_names(network, tensors, unet)
     own = network.state_dict()
     different = [key for key, value in tensors.items() if key in own and own[key].shape != value.shape]
     if different:
@@ -176,6 +177,23 @@ def _load_weights_into(network: AdapterNetwork, path: str) -> None:
     logger.info("loaded network_weights %s: %d tensors%s%s", Path(path).name, len(usable),
                 f", {missing} of this network's not in the file (kept as initialised)" if missing else "",
                 f", {unexpected} in the file not in this network (left out)" if unexpected else "")
+
+
+def _in_network_names(network: AdapterNetwork, tensors: dict[str, torch.Tensor], unet) -> dict[str, torch.Tensor]:
+    """A file's keys under this network's names: an SDXL file LyCORIS wrote for a diffusers U-Net names the same
+    layers in the diffusers layout (``lora_unet_down_blocks_1_…``), which this network calls by sd-scripts' names."""
+    from lycolab.networks.io import adaptable_layers
+
+    if unet is None:
+        return tensors
+    layers = adaptable_layers(unet, [])
+    names = {id(adapter.org_module): adapter.lora_name for adapter in network.unet_adapters}
+    renamed = {}
+    for key, value in tensors.items():
+        module_name, _, rest = key.partition(".")
+        own_name = names.get(id(layers[module_name])) if module_name in layers else None
+        renamed[f"{own_name}.{rest}" if own_name else key] = value
+    return renamed
 
 
 def _freeze(parts: StableDiffusionParts, device: torch.device, weight_dtype: torch.dtype) -> None:
@@ -315,9 +333,26 @@ class Trainer:
         if config.gradient_checkpointing:
             self.parts.unet.enable_gradient_checkpointing()
             self.parts.unet.train()
-        self.network.to(self.accelerator.device, dtype=torch.float32)
+        self.network.to(self.accelerator.device, dtype=self._network_dtype())
         self.network.requires_grad_(True)
         self.parameters = [p for p in self.network.parameters() if p.requires_grad]
+
+    def _network_dtype(self) -> torch.dtype:
+        """float32, or with sd-scripts' ``full_fp16`` / ``full_bf16`` the training dtype (the adapter, its gradients
+        and optimizer state then take half the memory). fp16 gradients need the scaler to unscale them, which
+        sd-scripts allows by patching accelerate's scaler the same way."""
+        config = self.config
+        if not (config.full_fp16 or config.full_bf16):
+            return torch.float32
+        if self.weight_dtype == torch.float32:  # fp16 on a CPU trains in fp32 (_make_accelerator warned)
+            logger.warning("full_fp16 has no effect without fp16 mixed precision; the adapter stays float32")
+            return torch.float32
+        scaler = self.accelerator.scaler
+        if scaler is not None:
+            unscale = scaler._unscale_grads_
+            scaler._unscale_grads_ = lambda optimizer, inv_scale, found_inf, allow_fp16: unscale(
+                optimizer, inv_scale, found_inf, True)
+        return self.weight_dtype
 
     def _check_family(self) -> None:
         """SDXL rules sd-scripts' sdxl_train_network.py applies: no v2; clip_skip has no effect (it warns)."""

@@ -16,8 +16,11 @@
 
 # %% [parameters]
 #@title 5.1 Model { display-mode: "form" }
-#@markdown `auto` uses what step 02 found; SD 1.5-based models are `SD 1.x`. Leave the paths empty to use step 02's.
-model_version = "auto"  #@param ["auto", "SD 1.x", "SD 2.x (512, base)", "SD 2.x (768, v-prediction)"]
+#@markdown `auto` uses what step 02 found; SD 1.5-based models are `SD 1.x`, Animagine/Pony/Illustrious are `SDXL`,
+#@markdown NoobAI-XL v-pred is `SDXL (v-prediction…)`. Leave the paths empty to use step 02's. Every `auto`/`0` below
+#@markdown follows the model: SDXL trains at 1024 px in 512–2048 buckets, the U-Net only, with its text encoders'
+#@markdown outputs cached (captions then stay unshuffled) and gradient checkpointing — what fits a 15 GB T4.
+model_version = "auto"  #@param ["auto", "SD 1.x", "SD 2.x (512, base)", "SD 2.x (768, v-prediction)", "SDXL", "SDXL (v-prediction, zero terminal SNR)"]
 pretrained_model_name_or_path = ""  #@param {type:"string"}
 vae = ""  #@param {type:"string"}
 
@@ -25,15 +28,16 @@ vae = ""  #@param {type:"string"}
 #@title 5.2 Dataset { display-mode: "form" }
 #@markdown `dataset_repeats` applies to folders without an `N_` prefix (a `10_name` folder keeps its 10).
 dataset_repeats = 10  #@param {type:"integer"}
-resolution = 512  #@param [512, 768, 1024] {type:"raw"}
+#@markdown `resolution` 0 = auto (512 SD 1.x, 768 SD 2.x v, 1024 SDXL); bucket sizes 0 = auto (256–1024, SDXL 512–2048).
+resolution = 0  #@param [0, 512, 768, 1024] {type:"raw"}
 #@markdown `auto` = the extension step 04 wrote.
 caption_extension = "auto"  #@param ["auto", ".txt", ".caption"]
 shuffle_caption = True  #@param {type:"boolean"}
 keep_tokens = 0  #@param {type:"integer"}
 flip_aug = False  #@param {type:"boolean"}
 enable_bucket = True  #@param {type:"boolean"}
-min_bucket_reso = 256  #@param {type:"integer"}
-max_bucket_reso = 1024  #@param {type:"integer"}
+min_bucket_reso = 0  #@param {type:"integer"}
+max_bucket_reso = 0  #@param {type:"integer"}
 bucket_no_upscale = False  #@param {type:"boolean"}
 #@markdown Regularization images (sd-scripts' `is_reg`): a folder (empty = the project's `reg_data/`, used when it
 #@markdown holds images). `class_prompt` captions those without a caption file.
@@ -56,7 +60,8 @@ optimizer_type = "AdamW8bit"  #@param ["AdamW", "AdamW8bit", "Lion", "Lion8bit",
 optimizer_args = ""  #@param {type:"string"}
 unet_lr = 1e-4  #@param {type:"number"}
 text_encoder_lr = 5e-5  #@param {type:"number"}
-network_train_unet_only = False  #@param {type:"boolean"}
+network_train_unet_only = "auto"  #@param ["auto", "yes", "no"]
+cache_text_encoder_outputs = "auto"  #@param ["auto", "yes", "no"]
 lr_scheduler = "constant"  #@param ["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial", "adafactor"]
 lr_warmup_steps = 0  #@param {type:"integer"}
 lr_scheduler_num_cycles = 1  #@param {type:"integer"}
@@ -77,7 +82,7 @@ save_last_n_epochs_state = 1  #@param {type:"integer"}
 max_token_length = 225  #@param [75, 150, 225] {type:"raw"}
 #@markdown clip_skip 2 for anime models, 1 for realistic ones; 0 = auto (2 for SD 1.x, 1 for SD 2.x).
 clip_skip = 0  #@param {type:"integer"}
-gradient_checkpointing = False  #@param {type:"boolean"}
+gradient_checkpointing = "auto"  #@param ["auto", "yes", "no"]
 gradient_accumulation_steps = 1  #@param {type:"integer"}
 seed = -1  #@param {type:"integer"}
 lowram = True  #@param {type:"boolean"}
@@ -103,7 +108,7 @@ sample_prompt_lines = """
 
 # %%
 from lycolab.steps import configure
-plan = configure.configure(ws, model_version=model_version, pretrained_model_name_or_path=pretrained_model_name_or_path, vae=vae, dataset_repeats=dataset_repeats, resolution=resolution, caption_extension=caption_extension, shuffle_caption=shuffle_caption, keep_tokens=keep_tokens, flip_aug=flip_aug, enable_bucket=enable_bucket, bucket_no_upscale=bucket_no_upscale, network_category=network_category, network_dim=network_dim, network_alpha=network_alpha, conv_dim=conv_dim, conv_alpha=conv_alpha, optimizer_type=optimizer_type, optimizer_args=optimizer_args, unet_lr=unet_lr, text_encoder_lr=text_encoder_lr, network_train_unet_only=network_train_unet_only, lr_scheduler=lr_scheduler, lr_warmup_steps=lr_warmup_steps, lr_scheduler_num_cycles=lr_scheduler_num_cycles, num_epochs=num_epochs, train_batch_size=train_batch_size, mixed_precision=mixed_precision, save_precision=save_precision, save_every_n_epochs=save_every_n_epochs, save_state=save_state, max_token_length=max_token_length, clip_skip=clip_skip, gradient_checkpointing=gradient_checkpointing, gradient_accumulation_steps=gradient_accumulation_steps, seed=seed, lowram=lowram, xformers=xformers, cache_latents=cache_latents, noise_offset=noise_offset, min_snr_gamma=min_snr_gamma, output_name=output_name, training_comment=training_comment, enable_sample_prompt=enable_sample_prompt, sampler=sampler, sample_prompts=sample_prompts, sample_prompt_lines=sample_prompt_lines, vae_batch_size=vae_batch_size, min_bucket_reso=min_bucket_reso, max_bucket_reso=max_bucket_reso, save_last_n_epochs=save_last_n_epochs, save_last_n_epochs_state=save_last_n_epochs_state, network_weights=network_weights, reg_images=reg_images, class_prompt=class_prompt, reg_repeats=reg_repeats, prior_loss_weight=prior_loss_weight)
+plan = configure.configure(ws, model_version=model_version, pretrained_model_name_or_path=pretrained_model_name_or_path, vae=vae, dataset_repeats=dataset_repeats, resolution=resolution, caption_extension=caption_extension, shuffle_caption=shuffle_caption, keep_tokens=keep_tokens, flip_aug=flip_aug, enable_bucket=enable_bucket, bucket_no_upscale=bucket_no_upscale, network_category=network_category, network_dim=network_dim, network_alpha=network_alpha, conv_dim=conv_dim, conv_alpha=conv_alpha, optimizer_type=optimizer_type, optimizer_args=optimizer_args, unet_lr=unet_lr, text_encoder_lr=text_encoder_lr, network_train_unet_only=network_train_unet_only, cache_text_encoder_outputs=cache_text_encoder_outputs, lr_scheduler=lr_scheduler, lr_warmup_steps=lr_warmup_steps, lr_scheduler_num_cycles=lr_scheduler_num_cycles, num_epochs=num_epochs, train_batch_size=train_batch_size, mixed_precision=mixed_precision, save_precision=save_precision, save_every_n_epochs=save_every_n_epochs, save_state=save_state, max_token_length=max_token_length, clip_skip=clip_skip, gradient_checkpointing=gradient_checkpointing, gradient_accumulation_steps=gradient_accumulation_steps, seed=seed, lowram=lowram, xformers=xformers, cache_latents=cache_latents, noise_offset=noise_offset, min_snr_gamma=min_snr_gamma, output_name=output_name, training_comment=training_comment, enable_sample_prompt=enable_sample_prompt, sampler=sampler, sample_prompts=sample_prompts, sample_prompt_lines=sample_prompt_lines, vae_batch_size=vae_batch_size, min_bucket_reso=min_bucket_reso, max_bucket_reso=max_bucket_reso, save_last_n_epochs=save_last_n_epochs, save_last_n_epochs_state=save_last_n_epochs_state, network_weights=network_weights, reg_images=reg_images, class_prompt=class_prompt, reg_repeats=reg_repeats, prior_loss_weight=prior_loss_weight)
 
 # %%
 plan
