@@ -1,10 +1,11 @@
 """The sd-scripts options lycolab refuses, each with the reason: an option is either implemented as sd-scripts does
 it or refused by name, never silently ignored.
 
-A refused key set to sd-scripts' default (``full_fp16 = false``, as generated configs write it) means "off" and is
+A refused key set to sd-scripts' default (``fp8_base = false``, as generated configs write it) means "off" and is
 accepted; any other value stops with one line naming the key and the reason. tests/data/sd_scripts_keys.toml (from
-scripts/sd_scripts_keys.py) lists every key sd-scripts' train_network.py takes; the parity test checks each is
-either a lycolab option or here, and ``scripts/parity_table.py`` writes docs/sd-scripts-parity.md from both.
+scripts/sd_scripts_keys.py) lists every key sd-scripts' train_network.py and sdxl_train_network.py take; the parity
+test checks each is either a lycolab option or here, and ``scripts/parity_table.py`` writes docs/sd-scripts-parity.md
+from both.
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ REFUSED_OPTIONS: dict[str, tuple[Any, str]] = {
     "wandb_api_key": (None, "Weights & Biases is not supported, and a key must never be in a config file"),
     "log_config": (False, "the config files themselves are kept in config/ (and ss_* metadata in every adapter)"),
     "highvram": (False, "lycolab places latents and models itself"),
+    "disable_mmap_load_safetensors": (False, "models load through diffusers/transformers, which map safetensors "
+                                             "themselves"),
     "output_config": (False, "lycolab writes config files from the notebook's step 05, or keeps yours as they are"),
     "deepspeed": (False, _DEEPSPEED),
     "zero_stage": (2, _DEEPSPEED),

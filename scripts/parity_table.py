@@ -90,7 +90,8 @@ def page() -> str:
     sources = _sources()
     document = tomllib.loads(KEYS.read_text(encoding="utf-8"))
     lines = ["# sd-scripts parity", "",
-             "Every option of sd-scripts' `train_network.py` and every `dataset_config.toml` key "
+             "Every option of sd-scripts' `train_network.py` and `sdxl_train_network.py` and every "
+             "`dataset_config.toml` key "
              f"(sd-scripts commit `{document['commit'][:12]}`, extracted by `scripts/sd_scripts_keys.py` into "
              "`tests/data/sd_scripts_keys.toml`), and where lycolab implements it — the modules that read its value — "
              "or why it refuses it. A refused key set to sd-scripts' default (as generated files write it) means "

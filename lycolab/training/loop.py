@@ -345,7 +345,8 @@ class Trainer:
         if not (config.full_fp16 or config.full_bf16):
             return torch.float32
         if self.weight_dtype == torch.float32:  # fp16 on a CPU trains in fp32 (_make_accelerator warned)
-            logger.warning("full_fp16 has no effect without fp16 mixed precision; the adapter stays float32")
+            logger.warning("%s has no effect without a GPU for its mixed precision; the adapter stays float32",
+                           "full_fp16" if config.full_fp16 else "full_bf16")
             return torch.float32
         scaler = self.accelerator.scaler
         if scaler is not None:
