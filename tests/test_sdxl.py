@@ -262,3 +262,16 @@ def test_network_weights_in_the_diffusers_layout_load_into_sd_scripts_names(sdxl
     trainer.setup()
     for key, value in network.state_dict().items():
         assert torch.equal(trainer.network.state_dict()[key], value), key
+
+
+def test_v_prediction_sdxl_with_zero_terminal_snr_trains_and_says_so(tmp_path):
+    from lycolab.models.tiny_sdxl import save_tiny_sdxl
+
+    model = save_tiny_sdxl(tmp_path / "vpred", v_prediction=True)
+    config = _config(model, tmp_path, v_parameterization=True, zero_terminal_snr=True, network_train_unet_only=True)
+    result = train(config, progress=False)
+    assert all(torch.isfinite(torch.tensor(result.history.losses)))
+    with safe_open(str(result.saved_files[-1]), "pt") as handle:
+        metadata = handle.metadata()
+    assert metadata["modelspec.prediction_type"] == "v" and metadata["ss_zero_terminal_snr"] == "True"
+    assert metadata["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
