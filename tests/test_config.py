@@ -116,12 +116,12 @@ def test_unknown_keys_stop_with_one_line_unless_allow_unknown_keys_only_warns(tm
 
 
 def test_a_refused_sd_scripts_key_is_named_with_why_and_its_off_value_is_accepted(tmp_path):
-    off = {"training_arguments": {"output_dir": "o", "full_fp16": False, "deepspeed": False, "zero_stage": 2,
+    off = {"training_arguments": {"output_dir": "o", "fp8_base": False, "deepspeed": False, "zero_stage": 2,
                                   "caption_extention": ".txt"}}
     config = load_config(_write_toml(tmp_path / "off.toml", off), _dataset_file(tmp_path))
     assert config.caption_extension == ".txt"  # sd-scripts' misspelt alias
-    on = {"training_arguments": {"output_dir": "o", "full_fp16": True}}
-    with pytest.raises(ConfigError, match="full_fp16 is not supported by lycolab: full fp16 training is not"):
+    on = {"training_arguments": {"output_dir": "o", "fp8_base": True}}
+    with pytest.raises(ConfigError, match="fp8_base is not supported by lycolab: fp8 weights need a recent GPU"):
         load_config(_write_toml(tmp_path / "on.toml", on), _dataset_file(tmp_path))
     with pytest.raises(ConfigError, match=r"datasets\[0\]\.alpha_mask is not supported by lycolab"):
         path = _write_toml(tmp_path / "d.toml", {"datasets": [{"alpha_mask": True, "subsets": [
