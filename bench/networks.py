@@ -1,13 +1,18 @@
 """Adapter training-step speed and memory: lycolab vs the reference ``lycoris-lora`` package vs the frozen base.
 
-Workload (DESIGN.md §7): an SD1.5-architecture diffusers ``UNet2DConditionModel`` (random init, 860 M parameters),
-256 px (32×32 latent), batch 1, one forward + backward + AdamW step, linear dim 16 / alpha 8, conv dim 8 / alpha 4.
+Workload (DESIGN.md §7): an SD1.5-architecture diffusers ``UNet2DConditionModel`` (random init, 860 M parameters;
+``--arch sdxl``: the SDXL base 1.0 U-Net, 2.6 B parameters, with its pooled-text and size conditioning), 256 px
+(32×32 latent), batch 1, one forward + backward + AdamW step, linear dim 16 / alpha 8, conv dim 8 / alpha 4.
 The base row is the same forward + backward with no adapter (gradient taken for the input latent, so the whole
-backward pass runs). Ours and the reference wrap exactly the same layers. Each configuration runs in its own process
-so that peak RSS is its own; all run in one invocation so the ratios compare like with like.
+backward pass runs). Ours and the reference wrap exactly the same layers (the table gives the count). Each
+configuration runs in its own process so that peak RSS is its own, round-robin for ``--rounds`` rounds, all in one
+invocation so the ratios compare like with like; the fastest timed step per configuration is reported (interference
+from other work only adds time), with the spread beside it. ``--max-rss-gib`` stops a configuration whose RSS
+passes that much (the table says so) instead of letting it push the machine into swap or the OOM killer.
 
     python bench/networks.py                      # print the table
     python bench/networks.py --write docs/benchmarks.md
+    python bench/networks.py --arch sdxl --warmup 1 --steps 2 --max-rss-gib 19 --write docs/benchmarks.md
     python bench/networks.py --device cuda --resolution 512 --batch 4 --dtype fp16
 """
 
@@ -15,13 +20,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
-import statistics
 import subprocess
 import sys
+import threading
 import time
-from datetime import date
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -34,31 +40,67 @@ ALGORITHMS = {
     "lokr": ("lycoris.kohya", True, True),
 }
 LINEAR_RANK, LINEAR_ALPHA, CONV_RANK, CONV_ALPHA = 16, 8.0, 8, 4.0
+# U-Net configs (diffusers), random init: SD 1.5, and SDXL base 1.0's (its config.json, minus what is default).
+UNET_CONFIGS = {
+    "sd15": {
+        "sample_size": 64, "in_channels": 4, "out_channels": 4, "layers_per_block": 2, "cross_attention_dim": 768,
+        "block_out_channels": (320, 640, 1280, 1280), "attention_head_dim": 8,
+        "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    },
+    "sdxl": {
+        "sample_size": 128, "in_channels": 4, "out_channels": 4, "layers_per_block": 2, "cross_attention_dim": 2048,
+        "block_out_channels": (320, 640, 1280), "transformer_layers_per_block": (1, 2, 10),
+        "attention_head_dim": (5, 10, 20), "use_linear_projection": True,
+        "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
+        "projection_class_embeddings_input_dim": 2816,
+    },
+}
+ARCH_NAMES = {"sd15": "SD1.5 U-Net", "sdxl": "SDXL base 1.0 U-Net"}
+# Which algorithms run unless --algos says otherwise: SDXL's issue targets are about LoRA and LoHa.
+DEFAULT_ALGOS = {"sd15": list(ALGORITHMS), "sdxl": ["lora", "loha"]}
 
 
-def build_unet(device: str, dtype: torch.dtype):
+def build_unet(arch: str, device: str, dtype: torch.dtype):
+    """The U-Net with diffusers' own random init under a fixed seed (the values do not change the timing)."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, cross_attention_dim=768,
-        block_out_channels=(320, 640, 1280, 1280), attention_head_dim=8,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    )
+    unet = UNet2DConditionModel(**UNET_CONFIGS[arch])
     return unet.requires_grad_(False).to(device, dtype)
 
 
-def attach_ours(unet, algo: str) -> list[torch.nn.Parameter]:
+def make_inputs(arch: str, args: argparse.Namespace, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(latent, text context, added conditioning): SDXL also takes the pooled text embedding and 6 size numbers."""
+    latent = args.resolution // 8
+    generator = torch.Generator().manual_seed(0)
+    sample = torch.randn(args.batch, 4, latent, latent, generator=generator).to(args.device, dtype)
+    context_dim = UNET_CONFIGS[arch]["cross_attention_dim"]
+    context = torch.randn(args.batch, 77, context_dim, generator=generator).to(args.device, dtype)
+    extra = {}
+    if arch == "sdxl":
+        size = float(args.resolution)
+        extra["added_cond_kwargs"] = {
+            "text_embeds": torch.randn(args.batch, 1280, generator=generator).to(args.device, dtype),
+            # original size, crop top-left, target size
+            "time_ids": torch.tensor([[size, size, 0.0, 0.0, size, size]] * args.batch).to(args.device, dtype),
+        }
+    return sample, context, extra
+
+
+def attach_ours(unet, algo: str) -> tuple[list[torch.nn.Parameter], int]:
+    """(the trainable parameters, how many layers got an adapter)."""
     from lycolab.networks import create_network
 
     network_module = ALGORITHMS[algo][0]
     network = create_network(unet, algo=algo, dim=LINEAR_RANK, alpha=LINEAR_ALPHA, conv_dim=CONV_RANK if algo != "lora"
                              else 0, conv_alpha=CONV_ALPHA, network_module=network_module)
-    return list(network.to(next(unet.parameters()).device).parameters())
+    return list(network.to(next(unet.parameters()).device).parameters()), len(network.adapters)
 
 
-def attach_reference(unet, algo: str) -> list[torch.nn.Parameter]:
+def attach_reference(unet, algo: str) -> tuple[list[torch.nn.Parameter], int]:
     """The reference modules (default forward, i.e. not bypass mode) on the very layers ours would wrap."""
     from lycoris.modules.locon import LoConModule
     from lycoris.modules.loha import LohaModule
@@ -70,56 +112,88 @@ def attach_reference(unet, algo: str) -> list[torch.nn.Parameter]:
     _, include_conv, lycoris_preset = ALGORITHMS[algo]
     device = next(unet.parameters()).device
     parameters = []
-    for target in unet_targets(unet, include_conv, lycoris_preset):
+    targets = unet_targets(unet, include_conv, lycoris_preset)
+    for target in targets:
         rank, alpha = (CONV_RANK, CONV_ALPHA) if target.is_conv_kxk else (LINEAR_RANK, LINEAR_ALPHA)
         module = module_class(target.lora_name, target.module, 1.0, rank, alpha).to(device)
         module.apply_to()
         parameters += list(module.parameters())
-    return parameters
+    return parameters, len(targets)
+
+
+class _Progress:
+    """Where the worker is, for the RSS guard's report: step number, phase, and when the step began."""
+
+    def __init__(self, config: str) -> None:
+        self.config, self.step, self.phase, self.step_start = config, 0, "building the model", time.perf_counter()
+        self.times: list[float] = []
+        self.wrapped = 0
+
+
+def _guard_rss(progress: _Progress, limit_bytes: int) -> None:
+    """Stop this process (exit status 3, a JSON line saying why) as soon as its RSS passes ``limit_bytes``.
+
+    Polled every 50 ms: the largest single allocation here is one layer's weight (≤ 60 MB), so the overshoot is
+    small next to the limit.
+    """
+    while True:
+        rss = _rss()
+        if rss > limit_bytes:
+            print(json.dumps({"config": progress.config, "error": "rss", "rss_bytes": rss, "limit_bytes": limit_bytes,
+                              "step": progress.step, "phase": progress.phase, "times": progress.times,
+                              "wrapped": progress.wrapped, "step_elapsed": time.perf_counter() - progress.step_start}),
+                  flush=True)
+            os._exit(3)
+        time.sleep(0.05)
 
 
 def run_worker(config: str, args: argparse.Namespace) -> dict:
     """Time ``args.steps`` training steps of one configuration (after warm-up) in this process."""
     import logging
 
+    progress = _Progress(config)
+    if args.max_rss_gib:
+        threading.Thread(target=_guard_rss, args=(progress, int(args.max_rss_gib * 2**30)), daemon=True).start()
     logging.getLogger("LyCORIS").setLevel(logging.ERROR)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-    unet = build_unet(args.device, dtype)
+    unet = build_unet(args.arch, args.device, dtype)
     implementation, _, algo = config.partition(":")
-    parameters = []
+    parameters, wrapped = [], 0
     if implementation == "ours":
-        parameters = attach_ours(unet, algo)
+        parameters, wrapped = attach_ours(unet, algo)
     elif implementation == "reference":
-        parameters = attach_reference(unet, algo)
+        parameters, wrapped = attach_reference(unet, algo)
+    progress.wrapped, progress.phase = wrapped, "setting up"
     for parameter in parameters:
         parameter.data = parameter.data.float()
     optimizer = torch.optim.AdamW(parameters, lr=1e-4) if parameters else None
-    latent = args.resolution // 8
-    generator = torch.Generator().manual_seed(0)
-    sample = torch.randn(args.batch, 4, latent, latent, generator=generator).to(args.device, dtype)
-    context = torch.randn(args.batch, 77, 768, generator=generator).to(args.device, dtype)
+    sample, context, extra = make_inputs(args.arch, args, dtype)
     timesteps = torch.full((args.batch,), 500, device=args.device)
     autocast = torch.autocast(args.device, dtype=dtype, enabled=dtype != torch.float32)
-    times = []
+    finite = True
     _reset_peak_rss()
-    for _ in range(args.warmup + args.steps):
+    for step in range(args.warmup + args.steps):
         _synchronize(args.device)
-        start = time.perf_counter()
+        progress.step, progress.phase, progress.step_start = step + 1, "forward", time.perf_counter()
         inputs = sample.detach().requires_grad_(optimizer is None)
         with autocast:
-            prediction = unet(inputs, timesteps, context).sample
+            prediction = unet(inputs, timesteps, context, **extra).sample
         loss = torch.nn.functional.mse_loss(prediction.float(), torch.zeros_like(prediction, dtype=torch.float32))
+        progress.phase = "backward"
         loss.backward()
         if optimizer is not None:
+            progress.phase = "optimizer step"
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         _synchronize(args.device)
-        times.append(time.perf_counter() - start)
+        progress.times.append(time.perf_counter() - progress.step_start)
+        finite = finite and bool(torch.isfinite(loss))
     peak = _peak_rss()
     if args.device == "cuda":
         peak = torch.cuda.max_memory_allocated()
-    return {"config": config, "seconds": statistics.median(times[args.warmup:]), "peak_bytes": peak,
-            "trainable": sum(p.numel() for p in parameters)}
+    return {"config": config, "times": progress.times[args.warmup:], "first_step": progress.times[0],
+            "peak_bytes": peak, "trainable": sum(p.numel() for p in parameters), "wrapped": wrapped,
+            "finite": finite}
 
 
 def _reset_peak_rss() -> None:
@@ -128,6 +202,14 @@ def _reset_peak_rss() -> None:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
         pass
+
+
+def _rss() -> int:
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1]) * 1024
+    except (OSError, StopIteration):
+        return 0
 
 
 def _peak_rss() -> int:
@@ -143,63 +225,133 @@ def _synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def run_all(args: argparse.Namespace) -> list[dict]:
+def run_all(args: argparse.Namespace) -> dict[str, dict]:
+    """Every configuration in a fresh process, round-robin for ``args.rounds`` rounds → config → merged result
+    (all timed steps, the largest peak). A configuration stopped by the RSS guard is not started again."""
     configs = ["base"]
     for algo in args.algos:
         configs += [f"ours:{algo}"] + ([] if args.skip_reference else [f"reference:{algo}"])
-    results = []
-    for config in configs:
-        command = [sys.executable, __file__, "--worker", config, "--steps", str(args.steps), "--warmup",
-                   str(args.warmup), "--resolution", str(args.resolution), "--batch", str(args.batch),
-                   "--device", args.device, "--dtype", args.dtype]
-        output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-        result = json.loads(output.strip().splitlines()[-1])
-        print(f"{config:>16}: {result['seconds']:.2f} s/step, peak {result['peak_bytes'] / 2**30:.2f} GiB",
-              file=sys.stderr, flush=True)
-        results.append(result)
+    results: dict[str, dict] = {}
+    for round_index in range(args.rounds):
+        for config in configs:
+            if results.get(config, {}).get("error"):  # did not fit: it will not fit next round either
+                continue
+            result = _run_process(config, args)
+            if result.get("error"):
+                print(f"{config:>16} (round {round_index + 1}): stopped, RSS {result['rss_bytes'] / 2**30:.2f} GiB "
+                      f"> {args.max_rss_gib} GiB in step {result['step']} ({result['phase']}, "
+                      f"{result['step_elapsed']:.1f} s into it; steps before: {_seconds(result['times'])})",
+                      file=sys.stderr, flush=True)
+                if config not in results:  # a configuration that fitted in an earlier round keeps those steps
+                    results[config] = result
+                continue
+            print(f"{config:>16} (round {round_index + 1}): steps {_seconds(result['times'])} s (first "
+                  f"{result['first_step']:.2f} s), peak {result['peak_bytes'] / 2**30:.2f} GiB, "
+                  f"{result['wrapped']} layers wrapped{'' if result['finite'] else ', NON-FINITE LOSS'}",
+                  file=sys.stderr, flush=True)
+            merged = results.setdefault(config, {**result, "times": []})
+            merged["times"] += result["times"]
+            merged["peak_bytes"] = max(merged["peak_bytes"], result["peak_bytes"])
+            merged["finite"] = merged["finite"] and result["finite"]
+    for result in results.values():
+        if not result.get("error"):
+            result["seconds"] = min(result["times"])
+            result["spread"] = max(result["times"]) - result["seconds"]
+    for algo in args.algos:
+        ours, reference = results.get(f"ours:{algo}", {}), results.get(f"reference:{algo}", {})
+        if "wrapped" in ours and "wrapped" in reference and ours["wrapped"] != reference["wrapped"]:
+            print(f"WARNING {algo}: ours wraps {ours['wrapped']} layers, the reference {reference['wrapped']}",
+                  file=sys.stderr, flush=True)
     return results
 
 
-def format_table(results: list[dict], args: argparse.Namespace) -> str:
-    by_config = {result["config"]: result for result in results}
-    base = by_config["base"]
+def _run_process(config: str, args: argparse.Namespace) -> dict:
+    command = [sys.executable, __file__, "--worker", config, "--arch", args.arch, "--steps", str(args.steps),
+               "--warmup", str(args.warmup), "--resolution", str(args.resolution), "--batch", str(args.batch),
+               "--device", args.device, "--dtype", args.dtype]
+    if args.max_rss_gib:
+        command += ["--max-rss-gib", str(args.max_rss_gib)]
+    process = subprocess.run(command, capture_output=True, text=True)
+    lines = process.stdout.strip().splitlines()
+    if process.returncode not in (0, 3) or not lines:
+        raise RuntimeError(f"{config} failed (exit status {process.returncode}):\n{process.stderr[-4000:]}")
+    return json.loads(lines[-1])
+
+
+def _seconds(times: list[float]) -> str:
+    return ", ".join(f"{seconds:.2f}" for seconds in times) or "none"
+
+
+def format_table(results: dict[str, dict], args: argparse.Namespace) -> str:
+    base = results["base"]
+    if base.get("error"):
+        raise SystemExit(f"the base configuration did not fit in {args.max_rss_gib} GiB: nothing to compare with")
     memory = "peak GPU memory" if args.device == "cuda" else "peak RSS"
     lines = [
-        f"| algo | ours s/step | reference s/step | base s/step | ours / base | ours / reference | ours {memory} "
-        f"(× base) | reference {memory} (× base) |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| algo | layers wrapped (ours / reference) | ours s/step | reference s/step | base s/step | ours / base "
+        f"| ours / reference | ours {memory} (× base) | reference {memory} (× base) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for algo in args.algos:
-        ours, reference = by_config[f"ours:{algo}"], by_config.get(f"reference:{algo}")
-        ref_seconds = f"{reference['seconds']:.2f}" if reference else "–"
-        ref_ratio = f"{ours['seconds'] / reference['seconds']:.2f}" if reference else "–"
-        ref_memory = _memory(reference, base) if reference else "–"
-        lines.append(f"| {algo} | {ours['seconds']:.2f} | {ref_seconds} | {base['seconds']:.2f} | "
-                     f"{ours['seconds'] / base['seconds']:.2f} | {ref_ratio} | {_memory(ours, base)} | {ref_memory} |")
-    lines.append(f"| base | – | – | {base['seconds']:.2f} | 1.00 | – | {base['peak_bytes'] / 2**30:.2f} GiB | – |")
+        ours, reference = results[f"ours:{algo}"], results.get(f"reference:{algo}", {})
+        ours_ratio = f"{ours['seconds'] / base['seconds']:.2f}" if "seconds" in ours else "–"
+        ref_ratio = f"{ours['seconds'] / reference['seconds']:.2f}" if "seconds" in ours and "seconds" in reference \
+            else "–"
+        lines.append(f"| {algo} | {ours.get('wrapped', '–')} / {reference.get('wrapped', '–')} | {_step(ours)} | "
+                     f"{_step(reference)} | {_step(base)} | {ours_ratio} | {ref_ratio} | {_memory(ours, base)} | "
+                     f"{_memory(reference, base)} |")
+    lines.append(f"| base | – | – | – | {_step(base)} | 1.00 | – | {base['peak_bytes'] / 2**30:.2f} GiB | – |")
     return "\n".join(lines)
 
 
+def _step(result: dict) -> str:
+    """The fastest step, the spread (slowest − fastest) in brackets; flagged if the loss was not finite; where the RSS
+    guard stopped the configuration, where that was."""
+    if not result:
+        return "–"
+    if result.get("error"):
+        return (f"did not fit: stopped at {result['rss_bytes'] / 2**30:.1f} GiB RSS, {result['step_elapsed']:.0f} s "
+                f"into step {result['step']} ({result['phase']})")
+    text = f"{result['seconds']:.2f} (+{result['spread']:.2f})"
+    return text if result["finite"] else text + " NON-FINITE LOSS"
+
+
 def _memory(result: dict, base: dict) -> str:
+    if not result:
+        return "–"
+    if result.get("error"):
+        return f"> {result['limit_bytes'] / 2**30:g} GiB"
     return f"{result['peak_bytes'] / 2**30:.2f} GiB ({result['peak_bytes'] / base['peak_bytes']:.2f})"
 
 
-def describe_machine(args: argparse.Namespace) -> str:
-    import os
+def _cpu_name() -> str:
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+        return next(line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
 
+
+def describe_machine(args: argparse.Namespace) -> str:
     if args.device == "cuda":
         device = torch.cuda.get_device_name()
     else:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-        device = f"{os.cpu_count()} CPU cores, {memory:.0f} GiB RAM, no GPU"
-    return (f"{device}; Python {platform.python_version()}, torch {torch.__version__}; "
-            f"{args.resolution} px, batch {args.batch}, {args.dtype}, median of {args.steps} steps after "
-            f"{args.warmup} warm-up")
+        device = f"{os.cpu_count()} CPU cores ({_cpu_name()}), {memory:.0f} GiB RAM, no GPU"
+    import diffusers
+
+    rounds = f", {args.rounds} rounds round-robin" if args.rounds > 1 else ""
+    return (f"{device}; Python {platform.python_version()}, torch {torch.__version__}, diffusers "
+            f"{diffusers.__version__}; {ARCH_NAMES[args.arch]}, {args.resolution} px, batch {args.batch}, "
+            f"{args.dtype}; {args.warmup} warm-up + {args.steps} timed steps per process{rounds}, each configuration "
+            f"in a fresh process; s/step is the fastest timed step, in brackets the spread (slowest − fastest)")
 
 
 def write_section(path: Path, section: str, args: argparse.Namespace) -> None:
     """Replace this workload's section of the results file (kept between markers), or append it."""
     workload = f"{args.device} {args.resolution}px batch {args.batch} {args.dtype}"
+    if args.arch != "sd15":
+        workload += f" {args.arch}"
     start, end = f"<!-- bench/networks.py {workload} -->", f"<!-- end bench/networks.py {workload} -->"
     text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
     block = f"{start}\n{section}\n{end}"
@@ -213,9 +365,14 @@ def write_section(path: Path, section: str, args: argparse.Namespace) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--algos", nargs="+", default=list(ALGORITHMS), choices=list(ALGORITHMS))
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--arch", default="sd15", choices=list(UNET_CONFIGS),
+                        help="the U-Net: SD 1.5's (860 M parameters) or SDXL base 1.0's (2.6 B, ~10 GB in fp32)")
+    parser.add_argument("--algos", nargs="+", choices=list(ALGORITHMS),
+                        help="default: all four for sd15, lora and loha for sdxl")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per process")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first, per process")
+    parser.add_argument("--rounds", type=int, default=1, help="fresh processes per configuration, round-robin")
+    parser.add_argument("--max-rss-gib", type=float, help="stop a configuration whose RSS passes this (CPU only)")
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -223,7 +380,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--skip-reference", action="store_true", help="only ours and the base")
     parser.add_argument("--write", type=Path, help="put the table into this markdown file")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.algos = args.algos or DEFAULT_ALGOS[args.arch]
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -233,7 +392,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     results = run_all(args)
     table = format_table(results, args)
-    section = (f"### Adapter training step, {date.today().isoformat()}\n\n{describe_machine(args)}.\n\n{table}\n\n"
+    today = datetime.now(timezone.utc).date().isoformat()
+    title = "Adapter training step" + ("" if args.arch == "sd15" else f", {ARCH_NAMES[args.arch]}")
+    section = (f"### {title}, {today}\n\n{describe_machine(args)}.\n\n{table}\n\n"
                "Reproduce: `" + " ".join(["python bench/networks.py", *sys.argv[1:]]) + "`")
     print(section)
     if args.write:
