@@ -68,8 +68,11 @@ def _config(model, root, **overrides):
 def test_sdxl_folders_and_checkpoints_are_told_apart_from_sd_by_their_files(sdxl_dir, tiny_model_dir, tmp_path):
     from lycolab.models.export_sdxl import export_sdxl_single_file
 
+    from lycolab.models.tiny import is_tiny_model
+
     parts = load_stable_diffusion(sdxl_dir)
     assert parts.is_sdxl and len(parts.text_encoders) == 2
+    assert is_tiny_model(sdxl_dir)  # notebook 06 trains it on a CPU runtime, as the tiny SD
     assert model_family(sdxl_dir) == "sdxl" and model_family(tiny_model_dir) == "sd1"
     single = export_sdxl_single_file(parts.unet, parts.vae, parts.text_encoder, parts.text_encoder_2,
                                      tmp_path / "xl.safetensors", dtype=None)

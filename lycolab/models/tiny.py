@@ -256,7 +256,8 @@ def save_tiny_parts(parts: TinySD, directory: str | Path) -> Path:
 
 
 def is_tiny_model(path: str | Path) -> bool:
-    """Whether ``path`` is a diffusers folder holding this tiny model (CPU-sized: notebooks train it without a GPU)."""
+    """Whether ``path`` is a diffusers folder holding this tiny model or the tiny SDXL (CPU-sized: notebooks train
+    them without a GPU)."""
     import json
 
     config = Path(str(path)) / "unet" / "config.json"
@@ -264,4 +265,7 @@ def is_tiny_model(path: str | Path) -> bool:
         unet = json.loads(config.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return unet.get("cross_attention_dim") == TINY_HIDDEN_SIZE and max(unet.get("block_out_channels") or [0]) <= 64
+    from lycolab.models.tiny_sdxl import TINY_TE1_WIDTH, TINY_TE2_WIDTH
+
+    widths = (TINY_HIDDEN_SIZE, TINY_TE1_WIDTH + TINY_TE2_WIDTH)
+    return unet.get("cross_attention_dim") in widths and max(unet.get("block_out_channels") or [0]) <= 64
