@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -67,3 +68,25 @@ def make_shapes_dataset(root: Path) -> Path:
         draw_shape_image((64, 64), shape, color, background).save(folder / f"{index}.png")
         (folder / f"{index}.txt").write_text(f"sks, {color} {shape}, {background} background", encoding="utf-8")
     return root
+
+
+def randomize_parameters(parameters, seed: int = 5, std: float = 0.1) -> None:
+    """Give an adapter non-zero weights (a fresh one changes nothing), the same on every machine."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in parameters:
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
+
+
+class LibraryWarnings(logging.Handler):
+    """Warnings of libraries whose loggers do not propagate to the root logger (diffusers'), which caplog misses:
+    add it to their loggers directly."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())

@@ -5,6 +5,7 @@ import logging
 
 import pytest
 import torch
+from conftest import LibraryWarnings, randomize_parameters
 from lycoris.kohya import LycorisNetworkKohya, create_network_from_weights
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -53,12 +54,6 @@ def _ours(sd, algo, **options):
                           network_module="lycoris.kohya", **options)
 
 
-def _randomize(parameters, seed=5, std=0.1):
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in parameters:
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
-
 
 @torch.no_grad()
 def _outputs(sd):
@@ -90,7 +85,7 @@ def test_network_wraps_the_same_layers_with_the_same_shapes_as_lycoris(algo):
 def test_file_we_save_loads_in_lycoris_with_the_same_effect(algo, tmp_path):
     ours_sd = build_tiny_sd()
     ours = _ours(ours_sd, algo, **ALGORITHMS[algo])
-    _randomize(ours.parameters())
+    randomize_parameters(ours.parameters())
     path = ours.save_weights(tmp_path / f"{algo}.safetensors", dtype=torch.float32)
     reference_sd = build_tiny_sd()
     reference, _ = _reference_from_file(path, reference_sd)
@@ -114,7 +109,7 @@ def test_file_we_save_loads_in_lycoris_with_the_same_effect(algo, tmp_path):
 def test_file_saved_by_lycoris_loads_in_ours_with_the_same_effect(algo, tmp_path):
     reference_sd = build_tiny_sd()
     reference = _reference_network(reference_sd, algo, **ALGORITHMS[algo])
-    _randomize(reference.parameters())
+    randomize_parameters(reference.parameters())
     path = tmp_path / f"reference_{algo}.safetensors"
     reference.save_weights(str(path), torch.float32, {"ss_network_module": "lycoris.kohya"})
     ours_sd = build_tiny_sd()
@@ -132,7 +127,7 @@ def test_lycoris_merge_of_our_files_equals_our_merge(algo, tmp_path):
     ours_sd = build_tiny_sd()
     ours = create_network(ours_sd.unet, [ours_sd.text_encoder], algo=algo, dim=4, alpha=alphas[0], conv_dim=2,
                           conv_alpha=alphas[1], network_module="lycoris.kohya", **ALGORITHMS[algo])
-    _randomize(ours.parameters())
+    randomize_parameters(ours.parameters())
     path = ours.save_weights(tmp_path / f"{algo}.safetensors", dtype=torch.float32)
     merge_network(ours, 1.0)  # the reference's kohya merge_to always merges at 1
     reference_sd = build_tiny_sd()
@@ -153,14 +148,14 @@ def test_lora_and_locon_files_load_in_diffusers_without_leftover_keys(algo, netw
     ours_sd = build_tiny_sd()
     ours = create_network(ours_sd.unet, [ours_sd.text_encoder], algo=algo, dim=4, alpha=2, conv_dim=conv_dim,
                           conv_alpha=1, network_module=network_module)
-    _randomize(ours.parameters(), std=0.2)
+    randomize_parameters(ours.parameters(), std=0.2)
     path = ours.save_weights(tmp_path / "lora.safetensors", dtype=torch.float32)
     pipe_sd = build_tiny_sd()
     pipe = StableDiffusionPipeline(vae=pipe_sd.vae, text_encoder=pipe_sd.text_encoder, tokenizer=pipe_sd.tokenizer,
                                    unet=pipe_sd.unet, scheduler=pipe_sd.scheduler, safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     # diffusers' loggers do not propagate to the root logger, so caplog would not see them: listen on them directly
-    records = _LibraryWarnings()
+    records = LibraryWarnings()
     loggers = [logging.getLogger(name) for name in ("diffusers", "peft")]
     for library_logger in loggers:
         library_logger.addHandler(records)
@@ -174,14 +169,6 @@ def test_lora_and_locon_files_load_in_diffusers_without_leftover_keys(algo, netw
     _assert_same_outputs(ours_sd, pipe_sd)
 
 
-class _LibraryWarnings(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.messages = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
 
 def test_merging_files_at_ratios_adds_ratio_times_delta_weight(tmp_path):
     sd = build_tiny_sd()
@@ -189,7 +176,7 @@ def test_merging_files_at_ratios_adds_ratio_times_delta_weight(tmp_path):
     files = []
     for index, algo in enumerate(("loha", "lora")):
         network = create_network(sd.unet, [sd.text_encoder], algo=algo, dim=3, alpha=1.5)
-        _randomize(network.parameters(), seed=index)
+        randomize_parameters(network.parameters(), seed=index)
         files.append(network.save_weights(tmp_path / f"{algo}.safetensors", dtype=torch.float32))
         network.restore()
     expected_sd = build_tiny_sd()
@@ -207,7 +194,7 @@ def test_merging_files_at_ratios_adds_ratio_times_delta_weight(tmp_path):
 def test_sd_scripts_files_with_linear_shaped_conv_loras_and_fp16_load(tmp_path):
     sd = build_tiny_sd()
     network = create_network(sd.unet, algo="lora", dim=2, alpha=1)
-    _randomize(network.parameters())
+    randomize_parameters(network.parameters())
     expected = _outputs(sd)[1]
     network.restore()
     # sd-scripts for SD 2 writes proj_in/proj_out (1x1 convs in SD 1) as 2-D Linear weights, in fp16.

@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import LibraryWarnings, randomize_parameters
 from lycoris.kohya import LycorisNetworkKohya, create_network_from_weights
 from torch import nn
 
@@ -102,12 +103,6 @@ def _reference_network(parts, algo, **options):
     network.apply_to(None, None, True, True)
     return network
 
-
-def _randomize(parameters, seed=5, std=0.1):
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in parameters:
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
 
 
 @torch.no_grad()
@@ -250,7 +245,7 @@ def test_sdxl_network_wraps_the_layers_lycoris_wraps_on_the_diffusers_unet(algo)
 def test_sdxl_file_we_save_loads_in_lycoris_with_the_same_effect(algo, tmp_path):
     ours_parts = build_tiny_sdxl()
     ours = _ours(ours_parts, algo, **ALGORITHMS[algo])
-    _randomize(ours.parameters())
+    randomize_parameters(ours.parameters())
     path = ours.save_weights(tmp_path / f"{algo}.safetensors", dtype=torch.float32)
     reference_parts = build_tiny_sdxl()
     LycorisNetworkKohya.apply_preset(SDXL_PRESET)
@@ -277,7 +272,7 @@ def test_sdxl_file_we_save_loads_in_lycoris_with_the_same_effect(algo, tmp_path)
 def test_sdxl_file_lycoris_saves_for_a_diffusers_unet_loads_in_ours_with_the_same_effect(algo, tmp_path):
     reference_parts = build_tiny_sdxl()
     reference = _reference_network(reference_parts, algo, **ALGORITHMS[algo])
-    _randomize(reference.parameters())
+    randomize_parameters(reference.parameters())
     path = tmp_path / f"reference_{algo}.safetensors"
     reference.save_weights(str(path), torch.float32, {"ss_network_module": "lycoris.kohya"})
     module_names = {module.lora_name for module in reference.loras}
@@ -292,17 +287,6 @@ def test_sdxl_file_lycoris_saves_for_a_diffusers_unet_loads_in_ours_with_the_sam
     _assert_same_outputs(ours_parts, reference_parts)
 
 
-class _WarningRecords(logging.Handler):
-    """diffusers' loggers do not propagate to the root logger (so caplog misses them): listen on them directly."""
-
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.messages = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-
 @pytest.mark.parametrize(("algo", "network_module", "conv_dim"),
                          [("lora", "networks.lora", 0), ("lora", "networks.lora", 2), ("locon", "lycoris.kohya", 2)])
 def test_sdxl_lora_and_locon_files_load_in_diffusers_without_leftover_keys(algo, network_module, conv_dim, tmp_path):
@@ -312,14 +296,14 @@ def test_sdxl_lora_and_locon_files_load_in_diffusers_without_leftover_keys(algo,
 
     ours_parts = build_tiny_sdxl()
     ours = _ours(ours_parts, algo, network_module=network_module, conv_dim=conv_dim)
-    _randomize(ours.parameters(), std=0.2)
+    randomize_parameters(ours.parameters(), std=0.2)
     path = ours.save_weights(tmp_path / "lora.safetensors", dtype=torch.float32)
     pipe_parts = build_tiny_sdxl()
     pipe = StableDiffusionXLPipeline(vae=pipe_parts.vae, text_encoder=pipe_parts.text_encoder,
                                      text_encoder_2=pipe_parts.text_encoder_2, tokenizer=pipe_parts.tokenizer,
                                      tokenizer_2=pipe_parts.tokenizer_2, unet=pipe_parts.unet,
                                      scheduler=pipe_parts.scheduler)
-    records = _WarningRecords()
+    records = LibraryWarnings()
     loggers = [logging.getLogger(name) for name in ("diffusers", "peft", "transformers")]
     for logger in loggers:
         logger.addHandler(records)

@@ -67,7 +67,6 @@ def _config(model, root, **overrides):
 
 def test_sdxl_folders_and_checkpoints_are_told_apart_from_sd_by_their_files(sdxl_dir, tiny_model_dir, tmp_path):
     from lycolab.models.export_sdxl import export_sdxl_single_file
-
     from lycolab.models.tiny import is_tiny_model
 
     parts = load_stable_diffusion(sdxl_dir)
