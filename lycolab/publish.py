@@ -66,8 +66,9 @@ TRAINING_SETTINGS = (
 NETWORK_ARG_LABELS = {"algo": "Algorithm", "conv_dim": "Conv dim", "conv_alpha": "Conv alpha"}
 ALGORITHM_NAMES = {"lora": "LoRA", "locon": "LoCon", "loha": "LoHa", "lokr": "LoKr", "ia3": "IA3",
                    "diag-oft": "Diag-OFT", "boft": "BOFT", "full": "full fine-tune (diff)", "glora": "GLoRA"}
-SD_VERSIONS = {"sd_v1": " 1.x", "sd_v2": " 2.x"}  # ss_base_model_version, as lycolab and sd-scripts write it
-# what diffusers' load_lora_weights reads for SD 1.x/2.x: kohya LoRA/LoCon keys (tests/test_networks_interop.py)
+# ss_base_model_version, as lycolab and sd-scripts write it
+SD_VERSIONS = {"sd_v1": " 1.x", "sd_v2": " 2.x", "sdxl_base_v1-0": " XL"}
+# what diffusers' load_lora_weights reads for SD 1.x/2.x and SDXL: kohya LoRA/LoCon keys (tests/test_networks_interop*)
 DIFFUSERS_LOADABLE = ("lora", "locon")
 
 
@@ -289,12 +290,14 @@ def _usage_section(adapter: Path, metadata: dict[str, str], hub_id: str | None, 
         f"Put {_code(adapter.name)} in `models/loras` and load it with a **LoraLoader** node (strength 1.0).",
         "### diffusers",
     ]
+    pipeline = "StableDiffusionXLPipeline" if metadata.get("ss_base_model_version", "").startswith("sdxl") else \
+        "StableDiffusionPipeline"
     if algorithm in DIFFUSERS_LOADABLE:
         code = "\n".join([
             "import torch",
-            "from diffusers import StableDiffusionPipeline",
+            f"from diffusers import {pipeline}",
             "",
-            f"pipe = StableDiffusionPipeline.from_pretrained({json.dumps(hub_id or 'BASE_MODEL')}, "
+            f"pipe = {pipeline}.from_pretrained({json.dumps(hub_id or 'BASE_MODEL')}, "
             "torch_dtype=torch.float16).to(\"cuda\")",
             f"pipe.load_lora_weights({json.dumps(repo_id or 'THIS_REPO')}, weight_name={json.dumps(adapter.name)})",
             f"image = pipe({json.dumps(prompt)}).images[0]",
@@ -302,7 +305,7 @@ def _usage_section(adapter: Path, metadata: dict[str, str], hub_id: str | None, 
         parts.append(_fenced(code, "python"))
     else:
         name = _md(ALGORITHM_NAMES.get(algorithm, algorithm))
-        parts.append(f"diffusers' `load_lora_weights` reads LoRA/LoCon files, not {name} ones, for SD 1.x/2.x: use "
+        parts.append(f"diffusers' `load_lora_weights` reads LoRA/LoCon files, not {name} ones: use "
                      "A1111 or ComfyUI, or `lycolab generate --network`.")
     return "\n\n".join(parts)
 

@@ -428,3 +428,18 @@ def test_offline_mode_gives_one_line_error(adapters, monkeypatch):
 
     with pytest.raises(PublishError, match="HF_HUB_OFFLINE is set"):
         upload_to_hub(REPO, adapters["lora"], token=TOKEN, endpoint="http://127.0.0.1:9")
+
+
+def test_card_of_an_sdxl_adapter_says_sdxl_and_uses_the_sdxl_pipeline(tmp_path):
+    import torch
+
+    from lycolab.models.tiny_sdxl import build_tiny_sdxl
+    from lycolab.networks import create_network
+
+    parts = build_tiny_sdxl()
+    network = create_network(parts.unet, None, dim=2, alpha=1)
+    path = network.save_weights(tmp_path / "xl.safetensors", dtype=torch.float16,
+                                metadata={"ss_base_model_version": "sdxl_base_v1-0"})
+    card = model_card(path, base_model="stabilityai/stable-diffusion-xl-base-1.0")
+    assert "for Stable Diffusion XL" in card
+    assert "StableDiffusionXLPipeline.from_pretrained(\"stabilityai/stable-diffusion-xl-base-1.0\"" in card
