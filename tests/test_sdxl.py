@@ -277,3 +277,24 @@ def test_v_prediction_sdxl_with_zero_terminal_snr_trains_and_says_so(tmp_path):
         metadata = handle.metadata()
     assert metadata["modelspec.prediction_type"] == "v" and metadata["ss_zero_terminal_snr"] == "True"
     assert metadata["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+
+
+def test_a_pytorch_checkpoint_is_told_apart_by_its_keys_without_running_code(tmp_path):
+    ckpt = tmp_path / "xl.ckpt"
+    torch.save({"state_dict": {"conditioner.embedders.1.model.ln_final.weight": torch.ones(2),
+                               "model.diffusion_model.label_emb.0.0.weight": torch.ones(2)}}, ckpt)
+    assert model_family(ckpt) == "sdxl"
+    sd1 = tmp_path / "sd1.ckpt"
+    torch.save({"state_dict": {"model.diffusion_model.input_blocks.0.0.weight": torch.ones(2),
+                               "cond_stage_model.transformer.text_model.final_layer_norm.weight": torch.ones(2)}}, sd1)
+    assert model_family(sd1) == "sd1"
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("this must not run",))
+
+    hostile = tmp_path / "hostile.ckpt"
+    torch.save({"state_dict": {"x": Payload()}}, hostile)
+    assert model_family(hostile) is None
+    (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
+    assert model_family(tmp_path / "junk.ckpt") is None

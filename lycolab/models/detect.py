@@ -3,7 +3,8 @@
 Training, sampling, merging and the estimate all branch on the family, and users should not have to say what their
 checkpoint is: sd-scripts needs a separate script (``sdxl_train_network.py``) and ``--v2``; we read it off the files.
 A diffusers folder says it in ``model_index.json`` (and has ``text_encoder_2/`` for SDXL); a single ``.safetensors``
-says it in its header's key names, read without touching the tensors.
+says it in its header's key names, read without touching the tensors; a ``.ckpt`` in its key names too, read by
+torch's ``weights_only`` unpickler with the tensors memory-mapped (nothing is read into RAM, no code can run).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ def model_family(model: str | Path) -> str | None:
         return _folder_family(path)
     if path.is_file() and path.suffix.lower() == ".safetensors":
         return family_from_keys(_header_keys(path))
+    if path.is_file() and path.suffix.lower() in (".ckpt", ".pt", ".pth"):
+        return family_from_keys(_checkpoint_keys(path))
     return None
 
 
@@ -71,3 +74,18 @@ def _header_keys(path: Path) -> list[str]:
     except (OSError, ValueError):
         return []
     return [key for key in header if key != "__metadata__"] if isinstance(header, dict) else []
+
+
+def _checkpoint_keys(path: Path) -> list[str]:
+    """The tensor names of a PyTorch checkpoint (``state_dict`` nested or not); empty when torch refuses it (a pickle
+    that needs code) or it is not a zip-format checkpoint."""
+    import pickle
+
+    import torch
+
+    try:
+        loaded = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError, OSError, ValueError, EOFError, AttributeError, TypeError):
+        return []
+    state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else {}
+    return [key for key in state if isinstance(key, str)] if isinstance(state, dict) else []
