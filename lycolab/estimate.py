@@ -468,7 +468,7 @@ def model_configs(config: TrainConfig, family: str | None = None) -> ModelConfig
     never downloaded. A single-file checkpoint, or anything else, gets the known configs of its family: what
     :func:`lycolab.models.detect.model_family` reads off the files (a folder's ``model_index.json`` or configs, a
     ``.safetensors`` header's key names), else ``family`` (for a model that is not on this machine yet, such as an
-    SDXL hub id before step 04 downloads it), else SD 2.x with ``v2`` and SD 1.x without. Files that say otherwise win
+    SDXL hub id before step 02 downloads it), else SD 2.x with ``v2`` and SD 1.x without. Files that say otherwise win
     over ``family``, with a note.
     """
     if family is not None and family not in KNOWN_CONFIGS:
