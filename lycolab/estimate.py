@@ -35,7 +35,7 @@ from typing import Any
 
 from lycolab.config import ConfigError, TrainConfig, network_args_dict, plain
 from lycolab.display import ShownAsTable, Table
-from lycolab.models.detect import SD1, SD2, SDXL, model_family
+from lycolab.models.detect import FAMILY_NAMES, SD1, SD2, SDXL, model_family
 
 GIB = 2**30
 KIB = 2**10
@@ -221,7 +221,6 @@ SD_PROFILE = ArchitectureProfile("SD 1.x/2.x", ACTIVATION_KIB_PER_LATENT_PIXEL, 
 SDXL_PROFILE = ArchitectureProfile("SDXL", SDXL_ACTIVATION_KIB_PER_LATENT_PIXEL, SDXL_ACTIVATION_WIDTH,
                                    SDXL_PIXEL_COST)
 PROFILES = {SD1: SD_PROFILE, SD2: SD_PROFILE, SDXL: SDXL_PROFILE}
-FAMILY_NAMES = {SD1: "SD 1.x", SD2: "SD 2.x", SDXL: "SDXL"}
 
 
 # --------------------------------------------------------------------------------------------- the known SD configs

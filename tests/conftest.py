@@ -80,6 +80,23 @@ def randomize_parameters(parameters, seed: int = 5, std: float = 0.1) -> None:
             parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
 
 
+def assert_same_delta_weights(adapters, reference_modules, lora_like: bool) -> None:
+    """Every layer's ΔW equals the reference LyCORIS module's, as its forward applies it (LoRA/LoCon modules scale
+    ``make_weight``, the others ``get_weight``)."""
+    import torch
+
+    by_name = {module.lora_name: module for module in reference_modules}
+    with torch.no_grad():
+        for adapter in adapters:
+            module = by_name[adapter.lora_name]
+            if lora_like:
+                expected = module.make_weight() * module.scale
+            else:
+                expected = module.get_weight(module.shape) * module.scalar
+            torch.testing.assert_close(adapter.delta_weight(), expected.reshape(adapter.weight_shape), rtol=1e-5,
+                                       atol=1e-6, msg=adapter.lora_name)
+
+
 class LibraryWarnings(logging.Handler):
     """Warnings of libraries whose loggers do not propagate to the root logger (diffusers'), which caplog misses:
     add it to their loggers directly."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 from conftest import make_shapes_dataset, write_images
@@ -46,16 +47,20 @@ SDXL_T4_PLAN = {"pretrained_model_name_or_path": SDXL, "resolution": "1024", "ca
                 "max_train_epochs": 10}
 
 
+def _config_maker(train: Path, settings: dict, folder: str, images: int):
+    """Configs of ``settings`` (plus overrides) over ``images`` small captioned images in ``train/folder``."""
+    write_images(train / folder, [(64, 64)] * images, ["sks, a shape"])
+
+    def make(**overrides):
+        return load_config(overrides={**settings, "train_data_dir": str(train), **overrides})
+
+    return make
+
+
 @pytest.fixture
 def sd15_config(tmp_path):
     """A config for SD 1.5 by hub name (never downloaded) over 12 small images (4 per bucket) × 2 repeats."""
-    train = tmp_path / "train"
-    write_images(train / "2_shapes", [(64, 64)] * 12, ["sks, a shape"])
-
-    def make(**overrides):
-        return load_config(overrides={**GUIDE, "train_data_dir": str(train), **overrides})
-
-    return make
+    return _config_maker(tmp_path / "train", GUIDE, "2_shapes", 12)
 
 
 @pytest.fixture
@@ -259,13 +264,7 @@ def test_repeated_estimates_reuse_the_counts(sd15_config, no_downloads):
 @pytest.fixture
 def sdxl_config(tmp_path):
     """A config for SDXL by hub name (never downloaded) over 4 small images × 5 repeats."""
-    train = tmp_path / "train"
-    write_images(train / "5_shapes", [(64, 64)] * 4, ["sks, a shape"])
-
-    def make(**overrides):
-        return load_config(overrides={**SDXL_T4_PLAN, "train_data_dir": str(train), **overrides})
-
-    return make
+    return _config_maker(tmp_path / "train", SDXL_T4_PLAN, "5_shapes", 4)
 
 
 @pytest.fixture(scope="module")

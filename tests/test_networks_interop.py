@@ -5,7 +5,7 @@ import logging
 
 import pytest
 import torch
-from conftest import LibraryWarnings, randomize_parameters
+from conftest import LibraryWarnings, assert_same_delta_weights, randomize_parameters
 from lycoris.kohya import LycorisNetworkKohya, create_network_from_weights
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -93,16 +93,7 @@ def test_file_we_save_loads_in_lycoris_with_the_same_effect(algo, tmp_path):
     assert len(reference.loras) == len(ours.adapters)
     _assert_same_outputs(ours_sd, reference_sd)
     # The merged weight W + ΔW of every layer is the same (ΔW as the reference's forward applies it).
-    reference_deltas = {module.lora_name: module for module in reference.loras}
-    with torch.no_grad():
-        for adapter in ours.adapters:
-            module = reference_deltas[adapter.lora_name]
-            if algo == "lora":
-                expected = module.make_weight() * module.scale
-            else:
-                expected = module.get_weight(module.shape) * module.scalar
-            torch.testing.assert_close(adapter.delta_weight(), expected.reshape(adapter.weight_shape), rtol=1e-5,
-                                       atol=1e-6, msg=adapter.lora_name)
+    assert_same_delta_weights(ours.adapters, reference.loras, lora_like=algo == "lora")
 
 
 @pytest.mark.parametrize("algo", ALGORITHMS)

@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import LibraryWarnings, randomize_parameters
+from conftest import LibraryWarnings, assert_same_delta_weights, randomize_parameters
 from lycoris.kohya import LycorisNetworkKohya, create_network_from_weights
 from torch import nn
 
@@ -256,16 +256,7 @@ def test_sdxl_file_we_save_loads_in_lycoris_with_the_same_effect(algo, tmp_path)
     assert {key.partition("_")[2].partition("_")[0] for key in reference.state_dict()} == {"unet", "te1", "te2"}
     _assert_same_outputs(ours_parts, reference_parts)
     # The merged weight W + ΔW of every layer is the same (ΔW as the reference's forward applies it).
-    reference_modules = {module.lora_name: module for module in reference.loras}
-    with torch.no_grad():
-        for adapter in ours.adapters:
-            module = reference_modules[adapter.lora_name]
-            if algo in ("lora", "locon"):
-                expected = module.make_weight() * module.scale
-            else:
-                expected = module.get_weight(module.shape) * module.scalar
-            torch.testing.assert_close(adapter.delta_weight(), expected.reshape(adapter.weight_shape), rtol=1e-5,
-                                       atol=1e-6, msg=adapter.lora_name)
+    assert_same_delta_weights(ours.adapters, reference.loras, lora_like=algo in ("lora", "locon"))
 
 
 @pytest.mark.parametrize("algo", ["lora", "loha", "lokr"])

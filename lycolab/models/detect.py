@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 SD1, SD2, SDXL = "sd1", "sd2", "sdxl"
+FAMILY_NAMES = {SD1: "SD 1.x", SD2: "SD 2.x", SDXL: "SDXL"}
 # original-layout (LDM / SGM) key prefixes that only one family's text encoders have
 SDXL_TEXT_KEY = "conditioner.embedders.1.model."
 SDXL_UNET_KEY = "model.diffusion_model.label_emb."
@@ -30,6 +31,11 @@ def model_family(model: str | Path) -> str | None:
     if path.is_file() and path.suffix.lower() in (".ckpt", ".pt", ".pth"):
         return family_from_keys(_checkpoint_keys(path))
     return None
+
+
+def is_sdxl_unet(unet) -> bool:
+    """SDXL's U-Net is the one with added text_time conditioning (pooled text and size/crop numbers)."""
+    return getattr(getattr(unet, "config", None), "addition_embed_type", None) == "text_time"
 
 
 def family_from_keys(keys) -> str | None:

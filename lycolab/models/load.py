@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from lycolab.models.detect import SDXL, model_family
+from lycolab.models.detect import SDXL, is_sdxl_unet, model_family
 
 logger = logging.getLogger(__name__)
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
@@ -94,7 +94,7 @@ def load_stable_diffusion(model: str | Path, vae: str | Path | None = None, v_pa
         text_encoder = _place(CLIPTextModel.from_pretrained(
             source, subfolder="text_encoder", variant=weights_variant(path / "text_encoder")), device, dtype)
         tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
-        sdxl = sdxl or getattr(unet.config, "addition_embed_type", None) == "text_time"  # a hub id
+        sdxl = sdxl or is_sdxl_unet(unet)  # a hub id
         second = _load_second_encoder(source, path, device, dtype) if sdxl else (None, None)
         if not vae:
             vae_model = AutoencoderKL.from_pretrained(source, subfolder="vae", variant=weights_variant(path / "vae"))
@@ -270,7 +270,7 @@ def _single_file_problem(path: Path, error: Exception, config: str | Path | None
 def is_v2(unet) -> bool:
     """SD 2.x U-Nets attend to 1024-wide OpenCLIP states and use linear projections in their transformers (as
     SDXL's do, which the added text_time conditioning tells apart)."""
-    if getattr(unet.config, "addition_embed_type", None) == "text_time":
+    if is_sdxl_unet(unet):
         return False
     return unet.config.cross_attention_dim == 1024 or bool(getattr(unet.config, "use_linear_projection", False))
 

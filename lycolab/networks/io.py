@@ -13,14 +13,9 @@ from safetensors.torch import load_file, save
 from torch import nn
 
 from lycolab.files import save_safetensors
+from lycolab.models.detect import is_sdxl_unet
 from lycolab.networks.base import AdapterModule, AdapterShapeError
-from lycolab.networks.naming import (
-    UNET_PREFIX,
-    canonical_named_modules,
-    is_sdxl_unet,
-    lora_name,
-    text_encoder_prefix,
-)
+from lycolab.networks.naming import UNET_PREFIX, canonical_named_modules, lora_name, text_encoder_prefix
 
 logger = logging.getLogger(__name__)
 

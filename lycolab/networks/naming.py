@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from lycolab.models.detect import is_sdxl_unet
+
 UNET_PREFIX = "lora_unet"
 TEXT_ENCODER_PREFIX = "lora_te"
 UNET_ATTENTION_BLOCKS = ("Transformer2DModel",)
@@ -42,12 +44,6 @@ def text_encoder_prefix(index: int, count: int) -> str:
 
 def lora_name(prefix: str, module_path: str) -> str:
     return f"{prefix}.{module_path}".replace(".", "_")
-
-
-def is_sdxl_unet(module: nn.Module) -> bool:
-    """SDXL's U-Net is the one with added text_time conditioning (pooled text and size/crop numbers)."""
-    config = getattr(module, "config", None)
-    return getattr(config, "addition_embed_type", None) == "text_time"
 
 
 def canonical_named_modules(root: nn.Module):

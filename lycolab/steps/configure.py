@@ -107,13 +107,13 @@ def _model_version(workspace: Workspace, model_version: str) -> ModelVersion:
 
 def _check_family(model: str, version: ModelVersion) -> None:
     """The chosen model version against what the model's own files say (when they say it)."""
-    from lycolab.models.detect import SD1, SD2, SDXL, model_family
+    from lycolab.models.detect import FAMILY_NAMES, SD1, SD2, SDXL, model_family
 
     family = model_family(model)
     chosen = SDXL if version.sdxl else SD2 if version.v2 else SD1
     if family is not None and family != chosen:
-        names = {SD1: "an SD 1.x", SD2: "an SD 2.x", SDXL: "an SDXL"}
-        raise ValueError(f"model_version is {names[chosen][3:]} but {model} is {names[family]} model; choose auto")
+        raise ValueError(f"model_version is {FAMILY_NAMES[chosen]} but {model} is an {FAMILY_NAMES[family]} model; "
+                         "choose auto")
 
 
 def _resolved(name: str, value, version: ModelVersion):
@@ -246,9 +246,6 @@ def configure(workspace: Workspace, *, model_version: str = "auto", pretrained_m
         ("network_train_unet_only", network_train_unet_only), ("gradient_checkpointing", gradient_checkpointing),
         ("cache_text_encoder_outputs", cache_text_encoder_outputs))}
     advice = []
-    if auto["cache_text_encoder_outputs"] and not auto["network_train_unet_only"]:
-        raise ValueError("cache_text_encoder_outputs needs network_train_unet_only: cached outputs cannot train the "
-                         "text encoders")
     if auto["cache_text_encoder_outputs"] and shuffle_caption:
         shuffle_caption = False
         advice.append("captions are not shuffled: the text encoders' outputs are cached (set "

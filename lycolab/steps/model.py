@@ -65,8 +65,9 @@ def get_model(workspace: Workspace, model: str = "sd15", vae: str = "", hf_token
     model_path = _fetch(model, workspace.shared_models, _token(model, hf_token, civitai_token))
     vae_path = _fetch(vae, workspace.shared_models / "vae", _token(vae, hf_token, civitai_token)) if vae else None
     preset = load_presets().get(model)
-    sdxl = bool(preset and preset.sdxl) or model_family(model_path) == SDXL
-    v2 = not sdxl and (bool(preset and preset.v2) or model_family(model_path) == SD2)
+    family = model_family(model_path)
+    sdxl = bool(preset and preset.sdxl) or family == SDXL
+    v2 = not sdxl and (bool(preset and preset.v2) or family == SD2)
     v_parameterization = bool(preset and preset.v_parameterization)
     zero_terminal_snr = bool(preset and preset.zero_terminal_snr)
     workspace.remember(model=str(model_path), vae=str(vae_path) if vae_path else "", v2=v2,
