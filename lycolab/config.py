@@ -62,7 +62,6 @@ SAMPLERS = {
 }
 SAMPLER_ALIASES = {"k_lms": "lms", "k_euler": "euler", "k_euler_a": "euler_a", "k_dpm_2": "dpm_2",
                    "k_dpm_2_a": "dpm_2_a", "euler a": "euler_a", "dpm++ 2m": "dpmsolver++"}
-ALGORITHMS = ("lora", "locon", "loha", "lokr")
 # Upper bounds that keep later code finite: bucket lists are enumerated step by step up to max_bucket_reso, and every
 # image's index is repeated num_repeats times per epoch. Both are far beyond what SD 1.x/2.x training uses.
 MAX_RESOLUTION = 8192
@@ -1152,10 +1151,12 @@ def _validate_network_args(config: TrainConfig, source: str) -> None:
             continue
         _require(math.isfinite(number), source, f"network_args {plain(key)} must be a finite number (got "
                  f"{shown(value)})")
-    algo = network_args.get("algo", "lora")
-    _require(algo in ALGORITHMS, source,
-             f"network_args algo must be one of {', '.join(ALGORITHMS)} (got {shown(algo)})")
     from lycolab.networks.args import NetworkArgsError, network_kwargs, unknown_network_args
+    from lycolab.networks.registry import algorithm_names
+
+    algo = network_args.get("algo", "lora")
+    _require(algo.strip().lower() in algorithm_names(), source,
+             f"network_args algo must be one of {', '.join(algorithm_names())} (got {shown(algo)})")
 
     try:
         network_kwargs(config.network_module, config.network_dim, config.network_alpha, network_args,

@@ -15,9 +15,9 @@ from torch import nn
 
 from lycolab.models.tiny import build_tiny_sd
 from lycolab.networks import AdapterNetwork, create_network
-from lycolab.networks.loha import LoHaModule
-from lycolab.networks.lokr import LoKrModule
-from lycolab.networks.lora import LoRAModule
+from lycolab.networks.algorithms.loha import LoHaModule
+from lycolab.networks.algorithms.lokr import LoKrModule
+from lycolab.networks.algorithms.lora import LoRAModule
 from lycolab.networks.max_norm import MaxNormResult, apply_max_norm
 
 logging.getLogger("LyCORIS").setLevel(logging.ERROR)

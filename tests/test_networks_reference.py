@@ -10,9 +10,9 @@ from lycoris.modules.loha import LohaModule
 from lycoris.modules.lokr import LokrModule
 from torch import nn
 
-from lycolab.networks.loha import FactoredHadamardFunction, LoHaModule
-from lycolab.networks.lokr import LoKrModule
-from lycolab.networks.lora import LoRAModule
+from lycolab.networks.algorithms.loha import FactoredHadamardFunction, LoHaModule
+from lycolab.networks.algorithms.lokr import LoKrModule
+from lycolab.networks.algorithms.lora import LoRAModule
 from lycolab.networks.merged_weight import merged_weight_forward
 
 logging.getLogger("LyCORIS").setLevel(logging.ERROR)
@@ -40,7 +40,7 @@ CASES = {
 def test_lokr_factorization_matches_lycoris():
     from lycoris.functional.general import factorization as reference_factorization
 
-    from lycolab.networks.lokr import factorization
+    from lycolab.networks.algorithms.lokr import factorization
 
     for dimension in range(1, 1400):
         for factor in (-1, 1, 2, 3, 4, 8, 16, 32):

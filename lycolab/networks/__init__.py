@@ -1,7 +1,9 @@
-"""LyCORIS adapters (LoRA, LoCon, LoHa) with kohya/LyCORIS file names, so files load in every common tool."""
+"""LyCORIS adapters (every algorithm in ``lycolab.networks.algorithms``) with kohya/LyCORIS file names, so files load
+in every common tool."""
 
 from lycolab.networks.io import AdapterFileError, load_network, read_adapter_file
-from lycolab.networks.network import ALGORITHM_MODULES, AdapterNetwork, create_network
+from lycolab.networks.network import AdapterNetwork, create_network
+from lycolab.networks.registry import Algorithm, algorithms, get_algorithm
 
-__all__ = ["ALGORITHM_MODULES", "AdapterFileError", "AdapterNetwork", "create_network", "load_network",
-           "read_adapter_file"]
+__all__ = ["AdapterFileError", "AdapterNetwork", "Algorithm", "algorithms", "create_network", "get_algorithm",
+           "load_network", "read_adapter_file"]

@@ -1,9 +1,10 @@
 """sd-scripts' ``network_module`` / ``network_args`` strings → :func:`create_network` keyword arguments.
 
-Both ``networks.lora`` (sd-scripts) and ``lycoris.kohya`` (LyCORIS) take their options as ``"key=value"`` strings;
-this reads them the way those modules do (LyCORIS' ``use_conv_cp``/``use_cp`` spellings of ``use_tucker``
-included), but parses booleans properly: LyCORIS treats ``decompose_both=False`` as true because it is a non-empty
-string.
+Both ``networks.lora`` (sd-scripts) and ``lycoris.kohya`` (LyCORIS) take their options as ``"key=value"`` strings.
+Which keys an algorithm takes, and their types, come from its options dataclass in the registry
+(``lycolab.networks.registry``); LyCORIS' old spellings (``use_conv_cp``/``use_cp``/``disable_conv_cp`` for
+``use_tucker``, ``constrain``) are read too. Booleans are parsed properly: LyCORIS treats ``decompose_both=False`` as
+true because it is a non-empty string.
 """
 
 from __future__ import annotations
@@ -11,11 +12,15 @@ from __future__ import annotations
 import math
 from typing import Any
 
-BOOLEAN_OPTIONS = ("use_tucker", "decompose_both", "full_matrix", "unbalanced_factorization", "rank_dropout_scale")
-TUCKER_SPELLINGS = ("use_tucker", "use_conv_cp", "use_cp")
-FLOAT_OPTIONS = ("conv_alpha", "dropout", "rank_dropout", "module_dropout")
-LYCORIS_ONLY = ("algo", "factor", "use_conv_cp", "use_cp", "disable_conv_cp", "preset", *BOOLEAN_OPTIONS)
-KNOWN_ARGS = frozenset(("conv_dim", *FLOAT_OPTIONS, *LYCORIS_ONLY))
+from lycolab.networks.registry import Algorithm, UnknownAlgorithm, get_algorithm, option_types
+
+# Keys that shape the network rather than each module
+NETWORK_ARGS = ("algo", "conv_dim", "conv_alpha", "preset")
+# LyCORIS' deprecated spellings → the option they set (disable_conv_cp is the inverse of use_tucker)
+TUCKER_SPELLINGS = ("use_conv_cp", "use_cp", "disable_conv_cp")
+SPELLINGS = {**dict.fromkeys(TUCKER_SPELLINGS, "use_tucker"), "constrain": "constraint"}
+KOHYA_OPTIONS = ("dropout", "rank_dropout", "module_dropout")
+SIGNED_OPTIONS = ("factor",)  # -1 means "balanced"
 TRUE_WORDS, FALSE_WORDS = ("true", "1", "yes", "on"), ("false", "0", "no", "off", "")
 
 
@@ -23,46 +28,84 @@ class NetworkArgsError(ValueError):
     """A ``network_args`` value that cannot be used; the message names the key."""
 
 
+def chosen_algorithm(network_module: str, args: dict[str, str]) -> Algorithm:
+    """The algorithm ``network_args`` ask for (``networks.lora`` always makes LoRA/LoCon, as in sd-scripts)."""
+    if network_module != "lycoris.kohya":
+        return get_algorithm("lora")
+    try:
+        return get_algorithm(args.get("algo", "lora"))
+    except UnknownAlgorithm as error:
+        raise NetworkArgsError(f"network_args {error}") from None
+
+
+def known_network_args(network_module: str, algorithm: Algorithm) -> set[str]:
+    """Every key this network module and algorithm act on."""
+    if network_module != "lycoris.kohya":
+        return {"conv_dim", "conv_alpha", *KOHYA_OPTIONS}
+    options = set(option_types(algorithm.options_class))
+    spellings = {old for old, new in SPELLINGS.items() if new in options}
+    return {*NETWORK_ARGS, *options, *spellings}
+
+
 def unknown_network_args(network_module: str, args: dict[str, str]) -> list[str]:
-    """Keys this version does not act on (reported once as a warning by the caller)."""
-    known = KNOWN_ARGS if network_module == "lycoris.kohya" else KNOWN_ARGS - set(LYCORIS_ONLY)
+    """Keys this version does not act on for this algorithm (reported once as a warning by the caller)."""
+    try:
+        algorithm = chosen_algorithm(network_module, args)
+    except NetworkArgsError:
+        return []
+    known = known_network_args(network_module, algorithm)
     return sorted(key for key in args if key not in known)
 
 
 def network_kwargs(network_module: str, dim: int | None, alpha: float | None, args: dict[str, str],
                    network_dropout: float | None = None) -> dict[str, Any]:
     """Keyword arguments for :func:`lycolab.networks.create_network`; raises :class:`NetworkArgsError`."""
+    algorithm = chosen_algorithm(network_module, args)
     is_lycoris = network_module == "lycoris.kohya"
     algo = args.get("algo", "lora").strip().lower() if is_lycoris else "lora"
     kwargs: dict[str, Any] = {"algo": algo, "dim": dim or 4, "alpha": alpha, "network_module": network_module}
     if "conv_dim" in args:
         kwargs["conv_dim"] = _number(args, "conv_dim", int)
-    for key in FLOAT_OPTIONS:
-        if key in args:
-            kwargs[key] = _number(args, key, float)
+    if "conv_alpha" in args:
+        kwargs["conv_alpha"] = _number(args, "conv_alpha", float)
+    types = option_types(algorithm.options_class)
+    names = [name for name in types if not is_lycoris and name in KOHYA_OPTIONS or is_lycoris]
+    for name in names:
+        if name in args:
+            kwargs[name] = _typed(args, name, types[name])
+    if is_lycoris:
+        kwargs.update(_spelled_options(args, types))
+        if args.get("preset", "full") != "full":
+            raise NetworkArgsError(f"network_args preset {args['preset']!r} is not supported; only the default "
+                                   "'full' preset (every layer LyCORIS adapts) is")
     if network_dropout is not None and "dropout" not in kwargs:
         kwargs["dropout"] = float(network_dropout)
     for key in ("dropout", "rank_dropout", "module_dropout"):
         if not 0.0 <= kwargs.get(key, 0.0) < 1.0:
             raise NetworkArgsError(f"network_args {key} must be in [0, 1) (got {kwargs[key]})")
-    if is_lycoris:
-        kwargs.update(_lycoris_options(args))
     return kwargs
 
 
-def _lycoris_options(args: dict[str, str]) -> dict[str, Any]:
+def _spelled_options(args: dict[str, str], types: dict[str, type]) -> dict[str, Any]:
+    """Options given under LyCORIS' old names: any true tucker spelling (or ``disable_conv_cp=false``) turns tucker
+    on, as there; ``constrain`` is ``constraint``."""
     options: dict[str, Any] = {}
-    if args.get("preset", "full") != "full":
-        raise NetworkArgsError(f"network_args preset {args['preset']!r} is not supported; only the default "
-                               "'full' preset (every layer LyCORIS adapts) is")
-    if "factor" in args:
-        options["factor"] = _number(args, "factor", int)
-    for key in BOOLEAN_OPTIONS:
-        if key in args:
-            options[key] = _boolean(args, key)
-    if any(_boolean(args, key) for key in TUCKER_SPELLINGS if key in args):
-        options["use_tucker"] = True
+    if "use_tucker" in types:
+        spelled = [key for key in ("use_tucker", "use_conv_cp", "use_cp") if key in args]
+        if any(_boolean(args, key) for key in spelled) or ("disable_conv_cp" in args
+                                                           and not _boolean(args, "disable_conv_cp")):
+            options["use_tucker"] = True
+    if "constrain" in args and "constraint" in types and "constraint" not in args:
+        options["constraint"] = _typed(args, "constrain", types["constraint"])
     return options
+
+
+def _typed(args: dict[str, str], key: str, kind: type) -> Any:
+    if kind is bool:
+        return _boolean(args, key)
+    if kind in (int, float):
+        return _number(args, key, kind)
+    return args[key].strip()
 
 
 def _number(args: dict[str, str], key: str, kind: type) -> Any:
@@ -75,7 +118,7 @@ def _number(args: dict[str, str], key: str, kind: type) -> Any:
         value = math.inf
     if not math.isfinite(value):
         raise NetworkArgsError(f"network_args {key} must be a finite number (got {text!r})")
-    if key != "factor" and value < 0:
+    if key not in SIGNED_OPTIONS and value < 0:
         raise NetworkArgsError(f"network_args {key} must be >= 0 (got {text!r})")
     return value
 

@@ -1,7 +1,7 @@
 """What every adapter shares: wrapping a frozen layer, ``scale = alpha / dim``, the multiplier, the dropouts.
 
-The algorithms (LoRA, LoHa, LoKr) differ only in how they make ΔW and, for speed, how they run forward; everything
-else lives here so adding an algorithm touches one file.
+The algorithms (``lycolab.networks.algorithms``) differ only in how they make ΔW and, for speed, how they run
+forward; everything else lives here, and each describes itself in the registry, so adding one touches one file.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from lycolab.networks.merged_weight import WORKSPACE, WeightGradient, layer_forward, merged_weight_forward
+from lycolab.networks.registry import AdapterOptions, make_options
 
 
 class AdapterShapeError(ValueError):
@@ -24,24 +25,26 @@ class AdapterModule(nn.Module):
     """
 
     algo = ""
+    options_class: type[AdapterOptions] = AdapterOptions
 
     def __init__(self, lora_name: str, org_module: nn.Module, dim: int, alpha: float | None, multiplier: float = 1.0,
-                 dropout: float = 0.0, rank_dropout: float = 0.0, module_dropout: float = 0.0,
-                 rank_dropout_scale: bool = False):
+                 options: AdapterOptions | None = None, **option_values):
+        """``options`` (this algorithm's ``options_class``) with ``option_values`` replacing fields by name."""
         super().__init__()
         if not isinstance(org_module, (nn.Linear, nn.Conv2d)):
             kind = type(org_module).__name__
             raise TypeError(f"{lora_name}: only Linear and Conv2d layers can be adapted, got {kind}")
+        self.options = make_options(self.options_class, options, **option_values)
         self.lora_name = lora_name
         self.dim = int(dim)
         alpha = float(self.dim) if alpha is None or float(alpha) == 0 else float(alpha)
         self.scale = alpha / self.dim
         self.register_buffer("alpha", torch.tensor(alpha))
         self.multiplier = multiplier
-        self.dropout = float(dropout or 0.0)
-        self.rank_dropout = float(rank_dropout or 0.0)
-        self.module_dropout = float(module_dropout or 0.0)
-        self.rank_dropout_scale = rank_dropout_scale
+        self.dropout = float(self.options.dropout or 0.0)
+        self.rank_dropout = float(self.options.rank_dropout or 0.0)
+        self.module_dropout = float(self.options.module_dropout or 0.0)
+        self.rank_dropout_scale = bool(self.options.rank_dropout_scale)
         # Kept in a list so nn.Module does not register it: the network's parameters are the adapter's only.
         self._org = [org_module]
         self._org_forward = None
@@ -82,6 +85,10 @@ class AdapterModule(nn.Module):
 
     def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def scale_delta(self, ratio: torch.Tensor) -> None:
+        """Multiply ΔW by ``ratio`` in place, in the parameter LyCORIS' max-norm rule scales for this algorithm."""
+        raise NotImplementedError(f"{self.lora_name}: no max-norm rule for {type(self).__name__}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and self.module_dropout and torch.rand(()) < self.module_dropout:

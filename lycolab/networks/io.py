@@ -16,12 +16,12 @@ from lycolab.files import save_safetensors
 from lycolab.models.detect import is_sdxl_unet
 from lycolab.networks.base import AdapterModule, AdapterShapeError
 from lycolab.networks.naming import UNET_PREFIX, canonical_named_modules, lora_name, text_encoder_prefix
+from lycolab.networks.registry import algorithm_names, algorithm_of_module
 
 logger = logging.getLogger(__name__)
 
-# The key that identifies each algorithm's module in a file.
-ALGORITHM_MARKERS = {"lora_down.weight": "lora", "hada_w1_a": "loha", "lokr_w1": "lokr", "lokr_w1_a": "lokr"}
-# Keys of LyCORIS algorithms this version cannot rebuild, with a readable name.
+# Keys of adapters no registered algorithm rebuilds (lycolab.networks.registry knows the rest), with a readable name;
+# each is dropped from here when its algorithm lands.
 UNSUPPORTED_MARKERS = {"diff": "full (diff)", "weight": "ia3", "oft_blocks": "oft", "oft_diag": "diag-oft",
                        "a1.weight": "glora", "lora_A.weight": "peft/diffusers-format lora", "b1.weight": "glora"}
 
@@ -120,13 +120,6 @@ def group_by_module(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, tor
     return grouped
 
 
-def detect_algorithm(parameters: dict[str, torch.Tensor]) -> str | None:
-    for marker, algo in ALGORITHM_MARKERS.items():
-        if marker in parameters:
-            return algo
-    return None
-
-
 def unsupported_algorithm(parameters: dict[str, torch.Tensor]) -> str | None:
     for marker, name in UNSUPPORTED_MARKERS.items():
         if marker in parameters:
@@ -159,8 +152,6 @@ def build_adapters(path: Path, tensors: dict[str, torch.Tensor], layers: dict[st
 
     Nothing here touches the model: the adapters only hold references to their layers until ``apply_to``.
     """
-    from lycolab.networks.network import ALGORITHM_MODULES
-
     adapters, unmatched, skipped = [], [], {}
     for module_name, parameters in group_by_module(tensors).items():
         if module_name not in layers:
@@ -168,20 +159,20 @@ def build_adapters(path: Path, tensors: dict[str, torch.Tensor], layers: dict[st
             continue
         if "dora_scale" in parameters:
             raise AdapterFileError(f"{path}: {module_name} uses DoRA (dora_scale), which lycolab cannot apply yet")
-        algo = detect_algorithm(parameters)
-        if algo is None:
+        algorithm = algorithm_of_module(parameters)
+        if algorithm is None:
             other = unsupported_algorithm(parameters)
             reason = (f"use {other}, which lycolab cannot apply" if other is not None else
                       f"hold no tensors of a known algorithm ({_summarise(sorted(parameters))})")
             skipped.setdefault(reason, []).append(module_name)
             continue
         try:
-            adapters.append(ALGORITHM_MODULES[algo].from_weights(module_name, layers[module_name], parameters,
-                                                                 multiplier))
+            adapters.append(algorithm.module_class.from_weights(module_name, layers[module_name], parameters,
+                                                                multiplier))
         except AdapterShapeError as error:
             raise AdapterFileError(f"{path}: {_first_line(error)}") from None
         except MALFORMED_TENSOR_ERRORS as error:
-            raise AdapterFileError(f"{path}: {module_name} has incomplete or malformed {algo} tensors "
+            raise AdapterFileError(f"{path}: {module_name} has incomplete or malformed {algorithm.name} tensors "
                                    f"({_first_line(error)}); re-download or re-save the file") from None
     return adapters, unmatched, skipped
 
@@ -231,12 +222,10 @@ def load_network(
 
 def metadata_algorithm(metadata: dict[str, str]) -> str | None:
     """The ``algo`` recorded in ``ss_network_args``, if it names one; any other metadata is only informative."""
-    from lycolab.networks.network import ALGORITHM_MODULES
-
     try:
         algo = json.loads(metadata.get("ss_network_args", "{}")).get("algo")
     except (json.JSONDecodeError, AttributeError, RecursionError):
         return None
-    return algo.lower() if isinstance(algo, str) and algo.lower() in ALGORITHM_MODULES else None
+    return algo.lower() if isinstance(algo, str) and algo.lower() in algorithm_names() else None
 
 

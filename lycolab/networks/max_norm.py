@@ -30,10 +30,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from lycolab.networks.algorithms.lora import LoRAModule
 from lycolab.networks.base import AdapterModule
-from lycolab.networks.loha import LoHaModule
-from lycolab.networks.lokr import LoKrModule
-from lycolab.networks.lora import LoRAModule
 from lycolab.networks.network import AdapterNetwork
 
 
@@ -124,15 +122,5 @@ def _lycoris_norm(adapter: AdapterModule) -> torch.Tensor:
 
 
 def _lycoris_scale(adapter: AdapterModule, ratio: torch.Tensor) -> None:
-    """The ratio where LyCORIS puts it: its scalar (folded into ``lora_up`` / ``hada_w1_a``) or LoKr's factors."""
-    if isinstance(adapter, LoKrModule):
-        factors = adapter.factors()
-        root = ratio ** (1 / len(factors))  # LyCORIS' "modules" count: 4 - use_w1 - use_w2 + tucker core
-        for factor in factors:
-            factor.mul_(root)
-    elif isinstance(adapter, LoHaModule):
-        adapter.hada_w1_a.mul_(ratio)
-    elif isinstance(adapter, LoRAModule):
-        adapter.lora_up.weight.mul_(ratio)
-    else:
-        raise TypeError(f"{adapter.lora_name}: no LyCORIS max-norm rule for {type(adapter).__name__}")
+    """The ratio where LyCORIS puts it: each algorithm's own rule (its scalar, or LoKr's factors)."""
+    adapter.scale_delta(ratio)

@@ -11,22 +11,16 @@ import torch
 from torch import nn
 
 from lycolab.networks.base import AdapterModule
-from lycolab.networks.loha import LoHaModule
-from lycolab.networks.lokr import LoKrModule
-from lycolab.networks.lora import LoRAModule
 from lycolab.networks.naming import TEXT_ENCODER_PREFIX, UNET_PREFIX, text_encoder_targets, unet_targets
+from lycolab.networks.registry import AdapterOptions, changed_options, get_algorithm, make_options
 
 logger = logging.getLogger(__name__)
 
-ALGORITHM_MODULES: dict[str, type[AdapterModule]] = {
-    "lora": LoRAModule, "locon": LoRAModule, "loha": LoHaModule, "lokr": LoKrModule,
-}
 NETWORK_MODULES = ("networks.lora", "lycoris.kohya")
-# LyCORIS network_args beyond dim/alpha that change how modules are built, with their defaults.
-ALGORITHM_OPTIONS: dict[str, Any] = {
-    "use_tucker": False, "factor": -1, "decompose_both": False, "full_matrix": False,
-    "unbalanced_factorization": False, "rank_dropout_scale": False,
-}
+# What sd-scripts' networks.lora can build: LoRA, and LoCon when conv_dim is set.
+KOHYA_ALGORITHMS = ("lora", "locon")
+# Options sd-scripts' networks.lora reads (the rest are LyCORIS')
+KOHYA_OPTIONS = ("dropout", "rank_dropout", "module_dropout")
 
 
 class AdapterNetwork(nn.Module):
@@ -79,14 +73,11 @@ class AdapterNetwork(nn.Module):
         """``network_args`` that rebuild this network in sd-scripts (``networks.lora``) or LyCORIS."""
         hp = self.hyperparameters
         args = {key: str(hp[key]) for key in ("conv_dim", "conv_alpha") if hp.get("conv_dim")}
-        args.update({key: str(hp[key]) for key in ("rank_dropout", "module_dropout") if hp.get(key)})
+        options = hp.get("options")
+        changed = changed_options(options) if isinstance(options, AdapterOptions) else {}
         if self.network_module == "lycoris.kohya":
-            args = {"algo": self.algo, **args}
-            if hp.get("dropout"):
-                args["dropout"] = str(hp["dropout"])
-            args.update({key: str(hp[key]) for key, default in ALGORITHM_OPTIONS.items()
-                         if key in hp and hp[key] != default})
-        return args
+            return {"algo": self.algo, **args, **{key: str(value) for key, value in changed.items()}}
+        return {**args, **{key: str(changed[key]) for key in ("rank_dropout", "module_dropout") if key in changed}}
 
     def network_metadata(self) -> dict[str, str]:
         """The ``ss_network_*`` keys that tell A1111/ComfyUI/sd-scripts how to rebuild this network."""
@@ -135,18 +126,24 @@ def create_network(
     sampler convs when ``conv_dim`` > 0) or ``lycoris.kohya`` (LyCORIS' "full" preset, which also covers the time
     embedding, ``conv_in`` and ``conv_out``). Like LyCORIS, ``lycoris.kohya`` defaults ``conv_dim`` to ``dim`` and
     ``conv_alpha`` to ``alpha``; ``networks.lora`` keeps kxk convs off unless ``conv_dim`` is given, like sd-scripts.
-    ``algorithm_options`` are LyCORIS' ``use_tucker``, ``factor``, ``decompose_both``, ``full_matrix``,
-    ``unbalanced_factorization`` and ``rank_dropout_scale``.
+    ``algorithm_options`` are fields of the algorithm's options dataclass (``lycolab.networks.registry``), e.g.
+    LoKr's ``factor``; an unknown one is a ValueError naming it.
     """
     network_module = network_module or default_network_module(algo)
-    _check_arguments(algo, dim, network_module, dropout, algorithm_options)
+    algorithm = _check_arguments(algo, dim, network_module)
+    try:
+        options = make_options(algorithm.options_class, dropout=float(dropout or 0.0),
+                               rank_dropout=float(rank_dropout or 0.0), module_dropout=float(module_dropout or 0.0),
+                               **algorithm_options)
+    except TypeError as error:
+        raise ValueError(f"algo {algo}: {error}") from None
+    if options.dropout and not algorithm.uses_dropout:
+        logger.warning("dropout is not used by %s (as in LyCORIS); use rank_dropout or module_dropout", algo)
     is_lycoris = network_module == "lycoris.kohya"
     if conv_dim is None:
-        conv_dim = dim if is_lycoris else 0
+        conv_dim = dim if is_lycoris and algorithm.adapts_conv else 0
     if conv_alpha is None:
         conv_alpha = alpha
-    options = {**ALGORITHM_OPTIONS, **algorithm_options}
-    module_class = ALGORITHM_MODULES[algo]
     targets = (unet_targets(unet, conv_dim > 0, is_lycoris) if unet is not None else [])
     targets += text_encoder_targets(text_encoders or [])
     adapters = []
@@ -154,27 +151,28 @@ def create_network(
         if target.is_conv_kxk and conv_dim <= 0:
             continue
         rank, rank_alpha = (conv_dim, conv_alpha) if target.is_conv_kxk else (dim, alpha)
-        adapters.append(module_class(target.lora_name, target.module, rank, rank_alpha, multiplier, dropout,
-                                     rank_dropout, module_dropout, **options))
+        adapters.append(algorithm.module_class(target.lora_name, target.module, rank, rank_alpha, multiplier,
+                                               options))
     hyperparameters = {"dim": dim, "alpha": alpha if alpha else dim, "conv_dim": conv_dim, "conv_alpha": conv_alpha,
-                       "dropout": dropout, "rank_dropout": rank_dropout, "module_dropout": module_dropout, **options}
+                       "dropout": options.dropout, "rank_dropout": options.rank_dropout,
+                       "module_dropout": options.module_dropout, "options": options}
     network = AdapterNetwork(adapters, algo, network_module, hyperparameters)
     network.apply_to()
     return network
 
 
-def _check_arguments(algo: str, dim: int, network_module: str, dropout: float, options: dict[str, Any]) -> None:
-    if algo not in ALGORITHM_MODULES:
-        raise ValueError(f"unknown algo {algo!r}; choose one of {', '.join(ALGORITHM_MODULES)}")
+def _check_arguments(algo: str, dim: int, network_module: str):
+    """The registry's algorithm for ``algo``, after checking it can be built as asked."""
+    from lycolab.networks.registry import UnknownAlgorithm
+
+    try:
+        algorithm = get_algorithm(algo)
+    except UnknownAlgorithm as error:
+        raise ValueError(str(error)) from None
     if network_module not in NETWORK_MODULES:
         raise ValueError(f"unknown network_module {network_module!r}; choose one of {', '.join(NETWORK_MODULES)}")
-    if network_module == "networks.lora" and algo not in ("lora", "locon"):
+    if network_module == "networks.lora" and algo not in KOHYA_ALGORITHMS:
         raise ValueError(f"algo {algo} needs network_module lycoris.kohya (networks.lora only makes LoRA/LoCon)")
     if dim < 1:
         raise ValueError(f"network dim must be at least 1, got {dim}")
-    unknown = sorted(set(options) - set(ALGORITHM_OPTIONS))
-    if unknown:
-        raise ValueError(f"unknown network option(s) {', '.join(unknown)}; known: {', '.join(ALGORITHM_OPTIONS)}")
-    if dropout and algo in ("loha", "lokr"):
-        logger.warning("dropout is not used by %s (as in LyCORIS); use rank_dropout or module_dropout", algo)
-
+    return algorithm

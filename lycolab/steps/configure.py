@@ -15,24 +15,41 @@ from pathlib import Path
 from lycolab.colab import Workspace
 from lycolab.display import ShownAsTable, Table, one_line_errors
 
-# The old notebook's network_category choices → (network_module, algo, uses conv layers)
-NETWORK_CATEGORIES = {
+# The old notebook's sd-scripts network_category choices → (network_module, algo, uses conv layers); the LyCORIS
+# ones (LoCon_Lycoris, LoHa, LoKr, …) come from the algorithm registry (network_categories).
+KOHYA_CATEGORIES = {
     "LoRA": ("networks.lora", "lora", False),
     "LoCon": ("networks.lora", "lora", True),
-    "LoCon_Lycoris": ("lycoris.kohya", "locon", True),
-    "LoHa": ("lycoris.kohya", "loha", True),
-    "LoKr": ("lycoris.kohya", "lokr", True),
 }
 DEFAULT_SAMPLE_PROMPT = ("masterpiece, best quality, {trigger} --n lowres, bad anatomy, blurry "
                          "--w 512 --h 512 --l 7 --s 28")
-# What the guide (and LyCORIS' authors) recommend per algorithm: network dims, and alpha as a fraction of dim.
-RECOMMENDED_DIMS = {
+# What the guide recommends for sd-scripts' LoRA/LoCon (LyCORIS algorithms carry their own in the registry).
+KOHYA_RECOMMENDED_DIMS = {
     "LoRA": ((8, 128), "network_dim 32 with network_alpha 16 (alpha = dim/2); 8–128 are common"),
     "LoCon": ((8, 128), "network_dim 32 / alpha 16, conv_dim 8–16 / conv_alpha half of it"),
-    "LoCon_Lycoris": ((8, 64), "network_dim 8–32 with alpha dim/2 or dim (or 1); conv_dim ≤ 32"),
-    "LoHa": ((4, 32), "network_dim ≤ 32 (LoHa's rank is dim², above 64 it exceeds the layers); alpha dim/2 or 1"),
-    "LoKr": ((4, 64), "network_dim 8–32 with alpha 1 or dim/2; conv_dim ≤ 32"),
 }
+
+
+def network_categories() -> dict[str, tuple[str, str, bool]]:
+    """Every network_category the form offers → (network_module, algo, uses conv layers), in menu order."""
+    from lycolab.networks.registry import algorithms
+
+    lycoris = {algorithm.category: ("lycoris.kohya", algorithm.category_algo or algorithm.name, algorithm.adapts_conv)
+               for algorithm in algorithms().values() if algorithm.category}
+    return {**KOHYA_CATEGORIES, **lycoris}
+
+
+def recommended_dims(category: str) -> tuple[tuple[int, int], str]:
+    """(network_dim range, the recommendation in words) for a network_category."""
+    from lycolab.networks.registry import get_algorithm
+
+    if category in KOHYA_RECOMMENDED_DIMS:
+        return KOHYA_RECOMMENDED_DIMS[category]
+    categories = network_categories()
+    if category not in categories:
+        return (1, 1024), ""
+    algorithm = get_algorithm(categories[category][1])
+    return algorithm.recommended_dims, algorithm.recommendation
 
 
 @dataclass
@@ -62,9 +79,10 @@ class TrainingPlan(ShownAsTable):
 
 def _network(category: str, network_dim: int, network_alpha: float, conv_dim: int, conv_alpha: float
              ) -> dict[str, object]:
-    if category not in NETWORK_CATEGORIES:
-        raise ValueError(f"network_category must be one of {', '.join(NETWORK_CATEGORIES)} (got {category!r})")
-    module, algo, convolutions = NETWORK_CATEGORIES[category]
+    categories = network_categories()
+    if category not in categories:
+        raise ValueError(f"network_category must be one of {', '.join(categories)} (got {category!r})")
+    module, algo, convolutions = categories[category]
     args = [f"algo={algo}"] if module == "lycoris.kohya" else []
     if convolutions:
         args += [f"conv_dim={conv_dim}", f"conv_alpha={conv_alpha}"]
@@ -165,7 +183,7 @@ def _clip_skip(clip_skip: int, version: ModelVersion) -> int | None:
 def dim_advice(category: str, network_dim: int, network_alpha: float, conv_dim: int, sdxl: bool = False
                ) -> list[str]:
     """A note when dim or alpha is outside what is recommended for ``category`` (never an error: they are habits)."""
-    (low, high), recommendation = RECOMMENDED_DIMS.get(category, ((1, 1024), ""))
+    (low, high), recommendation = recommended_dims(category)
     notes = []
     if sdxl and not 8 <= network_dim <= 32:
         notes.append(f"SDXL: network_dim {network_dim} — 8–32 is usual for SDXL (its layers are wider; a T4 fits "

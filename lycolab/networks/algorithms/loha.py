@@ -9,13 +9,16 @@ kernel in two cores ``hada_t1``/``hada_t2`` (dim, dim, k, k) ~ N(0, 0.1), and th
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lycolab.networks.algorithms.lora import LoRAOptions
 from lycolab.networks.base import MergedWeightAdapter, file_alpha, layer_shape, load_factors, output_tokens
 from lycolab.networks.merged_weight import WORKSPACE, WeightGradient, compute_dtype, layer_backward, layer_forward
+from lycolab.networks.registry import Algorithm
 
 # Rows of ΔW are built this many elements at a time, so the products stay in cache instead of making full-size
 # round trips to memory (the step is memory-bound on CPU); on a GPU whole matrices are fine.
@@ -26,16 +29,20 @@ PLAIN_FACTORS = ["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"]
 TUCKER_FACTORS = ["hada_t1", "hada_w1_a", "hada_w1_b", "hada_t2", "hada_w2_a", "hada_w2_b"]
 
 
+@dataclass(frozen=True)
+class LoHaOptions(LoRAOptions):
+    """LoHa takes LoRA's options (``use_tucker``: kxk kernels in two cores); ``dropout`` is unused, as in LyCORIS."""
+
+
 class LoHaModule(MergedWeightAdapter):
     algo = "loha"
+    options_class = LoHaOptions
 
     def __init__(self, lora_name: str, org_module: nn.Module, dim: int, alpha: float | None, multiplier: float = 1.0,
-                 dropout: float = 0.0, rank_dropout: float = 0.0, module_dropout: float = 0.0,
-                 use_tucker: bool = False, rank_dropout_scale: bool = False, **unused):
-        super().__init__(lora_name, org_module, dim, alpha, multiplier, 0.0, rank_dropout, module_dropout,
-                         rank_dropout_scale)
+                 options: LoHaOptions | None = None, **option_values):
+        super().__init__(lora_name, org_module, dim, alpha, multiplier, options, **option_values)
         out_dim, in_dim, kernel = layer_shape(org_module)
-        self.tucker = bool(use_tucker and kernel and kernel != (1, 1))
+        self.tucker = bool(self.options.use_tucker and kernel and kernel != (1, 1))
         if self.tucker:
             self.hada_t1 = nn.Parameter(torch.empty(self.dim, self.dim, *kernel))
             self.hada_w1_a = nn.Parameter(torch.empty(self.dim, out_dim))
@@ -98,6 +105,9 @@ class LoHaModule(MergedWeightAdapter):
         delta = FactoredHadamardFunction.apply(x, self.org_module, row_factor,
                                                self.hada_w1_a, self.hada_w1_b, self.hada_w2_a, self.hada_w2_b)
         return base + delta.to(base.dtype)
+
+    def scale_delta(self, ratio: torch.Tensor) -> None:
+        self.hada_w1_a.mul_(ratio)  # LyCORIS' scalar, folded into hada_w1_a
 
     def merged_weight(self, weight: torch.Tensor, factors: list[torch.Tensor], row_scale: torch.Tensor,
                       dtype: torch.dtype) -> torch.Tensor:
@@ -230,3 +240,9 @@ def _mix_channels(hidden: torch.Tensor, mix: torch.Tensor, layer: nn.Module) -> 
     if isinstance(layer, nn.Conv2d):
         return F.conv2d(hidden, mix[:, :, None, None])
     return F.linear(hidden, mix)
+
+
+ALGORITHM = Algorithm(name="loha", title="LoHa", module_class=LoHaModule, markers=("hada_w1_a", "hada_w1_b"),
+                      category="LoHa", uses_dropout=False, menu_order=10, recommended_dims=(4, 32),
+                      recommendation="network_dim ≤ 32 (LoHa's rank is dim², above 64 it exceeds the layers); "
+                                     "alpha dim/2 or 1")

@@ -11,12 +11,15 @@ are full, alpha is ignored (scale 1).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lycolab.networks.algorithms.lora import LoRAOptions
 from lycolab.networks.base import MergedWeightAdapter, file_alpha, layer_shape, load_factors
+from lycolab.networks.registry import Algorithm, make_options
 
 
 def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
@@ -40,25 +43,32 @@ def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
     return tuple(sorted(best))
 
 
+@dataclass(frozen=True)
+class LoKrOptions(LoRAOptions):
+    factor: int = -1  # split out/in sizes closest to this factor (-1: most balanced)
+    decompose_both: bool = False  # the small side low-rank too
+    full_matrix: bool = False  # the big side full, whatever dim
+    unbalanced_factorization: bool = False  # swap the out-size split (big side first)
+
+
 class LoKrModule(MergedWeightAdapter):
     algo = "lokr"
+    options_class = LoKrOptions
 
     def __init__(self, lora_name: str, org_module: nn.Module, dim: int, alpha: float | None, multiplier: float = 1.0,
-                 dropout: float = 0.0, rank_dropout: float = 0.0, module_dropout: float = 0.0,
-                 use_tucker: bool = False, factor: int = -1, decompose_both: bool = False, full_matrix: bool = False,
-                 unbalanced_factorization: bool = False, rank_dropout_scale: bool = False, **unused):
+                 options: LoKrOptions | None = None, **option_values):
+        options = make_options(LoKrOptions, options, **option_values)
         out_dim, in_dim, kernel = layer_shape(org_module)
-        out_small, out_large = factorization(out_dim, int(factor))
-        if unbalanced_factorization:
+        out_small, out_large = factorization(out_dim, int(options.factor))
+        if options.unbalanced_factorization:
             out_small, out_large = out_large, out_small
-        in_small, in_large = factorization(in_dim, int(factor))
-        w1_full = not (decompose_both and dim < max(out_small, in_small) / 2 and not full_matrix)
-        w2_full = full_matrix or dim >= max(out_large, in_large) / 2
+        in_small, in_large = factorization(in_dim, int(options.factor))
+        w1_full = not (options.decompose_both and dim < max(out_small, in_small) / 2 and not options.full_matrix)
+        w2_full = options.full_matrix or dim >= max(out_large, in_large) / 2
         if w1_full and w2_full:
             alpha = dim  # LyCORIS: nothing is low-rank, so no alpha scaling
-        super().__init__(lora_name, org_module, dim, alpha, multiplier, 0.0, rank_dropout, module_dropout,
-                         rank_dropout_scale)
-        self.tucker = bool(use_tucker and kernel and kernel != (1, 1) and not w2_full)
+        super().__init__(lora_name, org_module, dim, alpha, multiplier, options)
+        self.tucker = bool(options.use_tucker and kernel and kernel != (1, 1) and not w2_full)
         rank = self.dim
         if w1_full:
             self.lokr_w1 = nn.Parameter(torch.empty(out_small, in_small))
@@ -123,6 +133,12 @@ class LoKrModule(MergedWeightAdapter):
         w1 = w1.reshape(*w1.shape, *([1] * (w2.dim() - 2)))
         return torch.kron(w1, w2.contiguous()).reshape(self.weight_shape)
 
+    def scale_delta(self, ratio: torch.Tensor) -> None:
+        factors = self.factors()
+        root = ratio ** (1 / len(factors))  # LyCORIS' "modules" count: 4 - use_w1 - use_w2 + tucker core
+        for factor in factors:
+            factor.mul_(root)
+
     def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
         """ΔW·x without forming ΔW: the input's channels split as (b, d) go through w2 (a grouped layer on d),
         then w1 mixes the b groups into a; exact, and far cheaper than the layer itself."""
@@ -149,3 +165,9 @@ class LoKrModule(MergedWeightAdapter):
 
 
 LOKR_KEYS = ["lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"]
+
+
+ALGORITHM = Algorithm(name="lokr", title="LoKr", module_class=LoKrModule,
+                      markers=("lokr_w1", "lokr_w1_a", "lokr_w2", "lokr_w2_a"), category="LoKr", uses_dropout=False,
+                      menu_order=20, recommended_dims=(4, 64),
+                      recommendation="network_dim 8–32 with alpha 1 or dim/2; conv_dim ≤ 32")

@@ -11,23 +11,30 @@ Dropouts follow sd-scripts' ``networks.lora``: ``dropout`` drops elements of the
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lycolab.networks.base import AdapterModule, file_alpha, layer_shape, new_parameter
+from lycolab.networks.registry import AdapterOptions, Algorithm
+
+
+@dataclass(frozen=True)
+class LoRAOptions(AdapterOptions):
+    use_tucker: bool = False  # kxk convs as 1x1 down, kxk mid, 1x1 up (LyCORIS' use_conv_cp / use_cp)
 
 
 class LoRAModule(AdapterModule):
     algo = "lora"
+    options_class = LoRAOptions
 
     def __init__(self, lora_name: str, org_module: nn.Module, dim: int, alpha: float | None, multiplier: float = 1.0,
-                 dropout: float = 0.0, rank_dropout: float = 0.0, module_dropout: float = 0.0,
-                 use_tucker: bool = False, **unused):
-        super().__init__(lora_name, org_module, dim, alpha, multiplier, dropout, rank_dropout, module_dropout)
+                 options: LoRAOptions | None = None, **option_values):
+        super().__init__(lora_name, org_module, dim, alpha, multiplier, options, **option_values)
         out_dim, in_dim, kernel = layer_shape(org_module)
-        self.tucker = bool(use_tucker and self.is_conv and kernel != (1, 1))
+        self.tucker = bool(self.options.use_tucker and self.is_conv and kernel != (1, 1))
         if not self.is_conv:
             self.lora_down = nn.Linear(in_dim, self.dim, bias=False)
             self.lora_up = nn.Linear(self.dim, out_dim, bias=False)
@@ -86,9 +93,18 @@ class LoRAModule(AdapterModule):
                 scale /= 1.0 - self.rank_dropout
         return base + (self.lora_up(hidden) * scale).to(base.dtype)
 
+    def scale_delta(self, ratio: torch.Tensor) -> None:
+        self.lora_up.weight.mul_(ratio)  # LyCORIS folds its scalar into lora_up
+
     def _rank_mask(self, hidden: torch.Tensor) -> torch.Tensor:
         """One keep/drop draw per (sample, rank), shaped to broadcast over tokens or pixels."""
         mask = (torch.rand(hidden.shape[0], self.dim, device=hidden.device) > self.rank_dropout).to(hidden.dtype)
         if self.is_conv:
             return mask[:, :, None, None]
         return mask.view(hidden.shape[0], *([1] * (hidden.dim() - 2)), self.dim)
+
+
+ALGORITHM = Algorithm(
+    name="lora", title="LoRA / LoCon", module_class=LoRAModule, markers=("lora_down.weight",), aliases=("locon",),
+    category="LoCon_Lycoris", category_algo="locon", menu_order=0, recommended_dims=(8, 64),
+    recommendation="network_dim 8–32 with alpha dim/2 or dim (or 1); conv_dim ≤ 32")

@@ -1,0 +1,1 @@
+"""One file per adapter algorithm; each defines ``ALGORITHM`` (see ``lycolab.networks.registry``)."""
