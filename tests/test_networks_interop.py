@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import LibraryWarnings, assert_same_delta_weights, randomize_parameters
 from lycoris.kohya import LycorisNetworkKohya, create_network_from_weights
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from lycolab.models.tiny import build_tiny_sd
@@ -197,18 +197,27 @@ def test_sd_scripts_files_with_linear_shaped_conv_loras_and_fp16_load(tmp_path):
     torch.testing.assert_close(_outputs(sd)[1], expected, rtol=1e-2, atol=1e-3)
 
 
-def test_unsupported_modules_are_reported_and_dora_refused(tmp_path, caplog):
+def test_modules_of_unknown_formats_are_reported_and_skipped(tmp_path, caplog):
     sd = build_tiny_sd()
     network = create_network(sd.unet, algo="lora", dim=2)
     state = dict(network.state_dict())
     network.restore()
-    state["lora_unet_conv_in.diff"] = torch.zeros(32, 4, 3, 3)
-    state["lora_unet_conv_out.weight"] = torch.zeros(4)  # an IA3 module
+    state["lora_unet_conv_in.lora_A.weight"] = torch.zeros(2, 4, 3, 3)  # a PEFT-layout module under a kohya name
+    state["lora_unet_conv_out.mystery"] = torch.zeros(4)
     save_file({key: value.contiguous() for key, value in state.items()}, str(tmp_path / "mixed.safetensors"))
     with caplog.at_level(logging.WARNING):
-        load_network(tmp_path / "mixed.safetensors", sd.unet).restore()
-    assert "1 module(s) use full (diff)" in caplog.text and "1 module(s) use ia3" in caplog.text
-    state = load_file(str(tmp_path / "mixed.safetensors"))
+        loaded = load_network(tmp_path / "mixed.safetensors", sd.unet)
+    loaded.restore()
+    assert len(loaded.adapters) == len(network.adapters)
+    assert "1 module(s) use peft/diffusers-format lora" in caplog.text
+    assert "1 module(s) hold no tensors of a known algorithm (mystery)" in caplog.text
+
+
+def test_dora_files_are_refused_until_supported(tmp_path):
+    sd = build_tiny_sd()
+    network = create_network(sd.unet, algo="lora", dim=2)
+    state = {key: value.contiguous() for key, value in network.state_dict().items()}
+    network.restore()
     state["lora_unet_down_blocks_0_attentions_0_proj_in.dora_scale"] = torch.ones(32, 1, 1, 1)
     save_file(state, str(tmp_path / "dora.safetensors"))
     with pytest.raises(AdapterFileError, match="DoRA"):

@@ -26,6 +26,7 @@ class AdapterModule(nn.Module):
 
     algo = ""
     options_class: type[AdapterOptions] = AdapterOptions
+    reads_dora_scale = False  # whether from_weights rebuilds DoRA's weight decomposition (``dora_scale``)
 
     def __init__(self, lora_name: str, org_module: nn.Module, dim: int, alpha: float | None, multiplier: float = 1.0,
                  options: AdapterOptions | None = None, **option_values):

@@ -157,8 +157,6 @@ def build_adapters(path: Path, tensors: dict[str, torch.Tensor], layers: dict[st
         if module_name not in layers:
             unmatched.append(module_name)
             continue
-        if "dora_scale" in parameters:
-            raise AdapterFileError(f"{path}: {module_name} uses DoRA (dora_scale), which lycolab cannot apply yet")
         algorithm = algorithm_of_module(parameters)
         if algorithm is None:
             other = unsupported_algorithm(parameters)
@@ -166,6 +164,9 @@ def build_adapters(path: Path, tensors: dict[str, torch.Tensor], layers: dict[st
                       f"hold no tensors of a known algorithm ({_summarise(sorted(parameters))})")
             skipped.setdefault(reason, []).append(module_name)
             continue
+        if "dora_scale" in parameters and not algorithm.module_class.reads_dora_scale:
+            raise AdapterFileError(f"{path}: {module_name} uses DoRA (dora_scale) with {algorithm.name}, which "
+                                   "lycolab cannot apply")
         try:
             adapters.append(algorithm.module_class.from_weights(module_name, layers[module_name], parameters,
                                                                 multiplier))

@@ -13,6 +13,7 @@ import functools
 import importlib
 import pkgutil
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +52,8 @@ class Algorithm:
     uses_dropout: bool = True  # whether ``dropout`` acts (LyCORIS ignores it for LoHa/LoKr)
     adapts_conv: bool = True  # whether kxk convs get an adapter (conv_dim) as well as Linear layers
     menu_order: int = 100  # position among the notebook's choices
+    # When markers are shared (diag-OFT and BOFT both hold ``oft_blocks``): whether a module's tensors are this one's
+    accepts: Callable[[dict[str, torch.Tensor]], bool] | None = None
 
     @property
     def options_class(self) -> type[AdapterOptions]:
@@ -100,7 +103,8 @@ def get_algorithm(name: str) -> Algorithm:
 def algorithm_of_module(parameters: dict[str, torch.Tensor]) -> Algorithm | None:
     """The algorithm whose markers a file's module holds (``{"hada_w1_a": ..., "alpha": ...}`` → LoHa)."""
     for algorithm in algorithms().values():
-        if any(marker in parameters for marker in algorithm.markers):
+        if any(marker in parameters for marker in algorithm.markers) and (
+                algorithm.accepts is None or algorithm.accepts(parameters)):
             return algorithm
     return None
 
