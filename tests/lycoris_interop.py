@@ -43,6 +43,7 @@ class AlgorithmCase:
     options: dict = field(default_factory=dict)  # our create_network options (typed)
     reference_options: dict | None = None  # LyCORIS' constructor arguments, when they are spelled differently
     preset: dict | None = None  # a LyCORIS preset instead of FULL_PRESET
+    fixture: bool = True  # whether scripts/lycoris_fixtures.py writes a LyCORIS-made file for it (false: it cannot)
 
     @property
     def lycoris_options(self) -> dict:
