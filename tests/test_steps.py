@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import http.server
+import json
 import sys
 import threading
 import zipfile
+from pathlib import Path
 
 import pytest
 import tomllib
@@ -126,13 +128,36 @@ def test_the_guides_network_categories_map_to_sd_scripts_keys(ws, tiny_model_dir
     assert (plan.images, plan.images_per_epoch, plan.steps_per_epoch, plan.total_steps) == (4, 8, 4, 8)
 
 
+def test_notebook_offers_every_network_category_of_the_registry():
+    import re
+
+    source = (Path(__file__).parent.parent / "notebooks" / "src" / "05_configure.py").read_text()
+    choices = re.search(r'^network_category = .*#@param (\[.*\])$', source, re.MULTILINE).group(1)
+    assert json.loads(choices) == list(configure.network_categories())
+
+
+def test_dora_and_network_args_from_the_form_reach_the_config(ws, tiny_model_dir):
+    make_shapes_dataset(ws.train_data)
+    ws.remember(model=str(tiny_model_dir), v2=False)
+    configure.configure(ws, network_category="LoHa", dora_wd=True, network_args="rank_dropout=0.1 use_tucker=true",
+                        resolution=64, sample_prompts="a --w 64 --h 64")
+    with ws.config_file.open("rb") as handle:
+        written = {key: value for section in tomllib.load(handle).values() for key, value in section.items()}
+    assert written["network_args"] == ["algo=loha", "conv_dim=8", "conv_alpha=4", "dora_wd=True", "rank_dropout=0.1",
+                                       "use_tucker=true"]
+    with pytest.raises(NotebookError, match="dora_wd \\(DoRA\\) is not available for LoRA; choose LoCon_Lycoris"):
+        configure.configure(ws, network_category="LoRA", dora_wd=True)
+    with pytest.raises(NotebookError, match="network_args: conv_dim already come from the form"):
+        configure.configure(ws, network_category="LoHa", network_args="conv_dim=4")
+
+
 def test_configure_names_what_is_missing_or_wrong(ws, tiny_model_dir):
     with pytest.raises(NotebookError, match="no base model: run step 02"):
         configure.configure(ws)
     ws.remember(model=str(tiny_model_dir))
     make_shapes_dataset(ws.train_data)
     with pytest.raises(NotebookError, match="network_category must be one of LoRA, LoCon"):
-        configure.configure(ws, network_category="DoRA")
+        configure.configure(ws, network_category="LoRAX")
     with pytest.raises(NotebookError, match="model_version must be auto or one of"):
         configure.configure(ws, model_version="SD 3")
     with pytest.raises(NotebookError, match="is an SD 1.x model"):

@@ -77,8 +77,12 @@ class TrainingPlan(ShownAsTable):
                        "network": self.network}], title="training plan", notes=notes)
 
 
-def _network(category: str, network_dim: int, network_alpha: float, conv_dim: int, conv_alpha: float
-             ) -> dict[str, object]:
+def _network(category: str, network_dim: int, network_alpha: float, conv_dim: int, conv_alpha: float,
+             dora_wd: bool = False, network_args: str = "") -> dict[str, object]:
+    """The network keys of the config; ``network_args`` adds LyCORIS/sd-scripts options written as
+    ``key=value`` items (``preset=attn-mlp loraplus_lr_ratio=16``), checked later with everything else."""
+    from lycolab.networks.registry import get_algorithm, option_types
+
     categories = network_categories()
     if category not in categories:
         raise ValueError(f"network_category must be one of {', '.join(categories)} (got {category!r})")
@@ -86,8 +90,20 @@ def _network(category: str, network_dim: int, network_alpha: float, conv_dim: in
     args = [f"algo={algo}"] if module == "lycoris.kohya" else []
     if convolutions:
         args += [f"conv_dim={conv_dim}", f"conv_alpha={conv_alpha}"]
+    if dora_wd:
+        if module != "lycoris.kohya" or "dora_wd" not in option_types(get_algorithm(algo).options_class):
+            with_dora = [name for name, (kind, choice, _) in categories.items() if kind == "lycoris.kohya"
+                         and "dora_wd" in option_types(get_algorithm(choice).options_class)]
+            raise ValueError(f"dora_wd (DoRA) is not available for {category}; choose {', '.join(with_dora)}")
+        args.append("dora_wd=True")
+    extra = _argument_list(network_args, "network_args")
+    given = {item.split("=", 1)[0].strip() for item in args}
+    repeated = sorted(item.split("=", 1)[0].strip() for item in extra if item.split("=", 1)[0].strip() in given)
+    if repeated:
+        raise ValueError(f"network_args: {', '.join(repeated)} already come from the form's own fields; "
+                         "set them there")
     return {"network_module": module, "network_dim": network_dim, "network_alpha": network_alpha,
-            "network_args": args}
+            "network_args": args + extra}
 
 
 @dataclass(frozen=True)
@@ -154,10 +170,10 @@ def _optional(value: float | int) -> float | int | None:
     return value if value and value > 0 else None
 
 
-def _optimizer_args(text: str) -> list[str]:
+def _argument_list(text: str, field: str = "optimizer_args") -> list[str]:
     """``weight_decay=0.1 betas=0.9,0.99`` (space-separated, as sd-scripts' command line), hollowstrawberry's
     ``decouple=True, weight_decay=0.01, betas=[0.9,0.999]``, or the old notebook's list form
-    ``["decouple=True", "weight_decay=0.6"]`` pasted as is."""
+    ``["decouple=True", "weight_decay=0.6"]`` pasted as is (``field`` names the form field in errors)."""
     import ast
 
     text = text.strip()
@@ -165,7 +181,7 @@ def _optimizer_args(text: str) -> list[str]:
         try:
             items = ast.literal_eval(text)
         except (ValueError, SyntaxError):
-            raise ValueError(f"optimizer_args {text!r}: not a readable list; write key=value items separated by "
+            raise ValueError(f"{field} {text!r}: not a readable list; write key=value items separated by "
                              'spaces, e.g. weight_decay=0.01 betas=0.9,0.99') from None
         if isinstance(items, list) and all(isinstance(item, str) for item in items):
             return [item.strip() for item in items if item.strip()]
@@ -225,7 +241,8 @@ def configure(workspace: Workspace, *, model_version: str = "auto", pretrained_m
               keep_tokens: int = 0, shuffle_caption: bool = True, enable_bucket: bool = True,
               min_bucket_reso: int = 0, max_bucket_reso: int = 0, bucket_no_upscale: bool = False,
               network_category: str = "LoCon_Lycoris", network_dim: int = 32, network_alpha: float = 16,
-              conv_dim: int = 8, conv_alpha: float = 4, unet_lr: float = 1e-4, text_encoder_lr: float = 5e-5,
+              conv_dim: int = 8, conv_alpha: float = 4, dora_wd: bool = False, network_args: str = "",
+              unet_lr: float = 1e-4, text_encoder_lr: float = 5e-5,
               network_train_unet_only: bool | str = "auto", cache_text_encoder_outputs: bool | str = "auto",
               optimizer_type: str = "AdamW8bit", optimizer_args: str = "",
               lr_scheduler: str = "constant", lr_warmup_steps: int = 0, lr_scheduler_num_cycles: int = 1,
@@ -288,11 +305,11 @@ def configure(workspace: Workspace, *, model_version: str = "auto", pretrained_m
         "pretrained_model_name_or_path": model, "vae": vae.strip() or workspace.recall("vae", "") or None,
         "v2": version.v2, "v_parameterization": version.v_parameterization,
         "zero_terminal_snr": version.zero_terminal_snr or None,
-        **_network(network_category, network_dim, network_alpha, conv_dim, conv_alpha),
+        **_network(network_category, network_dim, network_alpha, conv_dim, conv_alpha, dora_wd, network_args),
         "unet_lr": unet_lr, "text_encoder_lr": text_encoder_lr, "learning_rate": unet_lr,
         "network_train_unet_only": auto["network_train_unet_only"], "optimizer_type": optimizer_type,
         "cache_text_encoder_outputs": auto["cache_text_encoder_outputs"] or None,
-        "optimizer_args": _optimizer_args(optimizer_args),
+        "optimizer_args": _argument_list(optimizer_args),
         "lr_scheduler": lr_scheduler, "lr_warmup_steps": lr_warmup_steps,
         "lr_scheduler_num_cycles": lr_scheduler_num_cycles, "dataset_config": str(dataset_file),
         "cache_latents": cache_latents, "output_dir": str(workspace.output), "logging_dir": str(workspace.logs),
