@@ -3,7 +3,8 @@ in every common tool."""
 
 from lycolab.networks.io import AdapterFileError, load_network, read_adapter_file
 from lycolab.networks.network import AdapterNetwork, create_network
-from lycolab.networks.registry import Algorithm, algorithms, get_algorithm
+from lycolab.networks.registry import Algorithm, get_algorithm
 
-__all__ = ["AdapterFileError", "AdapterNetwork", "Algorithm", "algorithms", "create_network", "get_algorithm",
-           "load_network", "read_adapter_file"]
+# registry.algorithms() is not re-exported: the name would shadow the subpackage lycolab.networks.algorithms.
+__all__ = ["AdapterFileError", "AdapterNetwork", "Algorithm", "create_network", "get_algorithm", "load_network",
+           "read_adapter_file"]

@@ -74,8 +74,7 @@ class UnknownAlgorithm(ValueError):
 @functools.cache
 def algorithms() -> dict[str, Algorithm]:
     """Every registered algorithm by name, in menu order (found by importing ``lycolab.networks.algorithms``)."""
-    from lycolab.networks import algorithms as package
-
+    package = importlib.import_module("lycolab.networks.algorithms")
     found = []
     for info in pkgutil.iter_modules(package.__path__):
         module = importlib.import_module(f"{package.__name__}.{info.name}")
