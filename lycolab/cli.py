@@ -167,6 +167,66 @@ def _add_commands(commands) -> None:
     caption.add_argument("--prefix", default="")
     caption.add_argument("--suffix", default="")
     _caption_options(caption, ".caption")
+    _add_tool_commands(commands)
+
+
+def _add_tool_commands(commands) -> None:
+    """The adapter tools, with sd-scripts' option names (resize_lora.py, svd_merge_lora.py) and LyCORIS'
+    extract_locon.py ones for extract."""
+    resize = commands.add_parser("resize", help="an adapter at a lower rank (SVD), fixed or per module "
+                                 "(sd-scripts' resize_lora.py)")
+    resize.add_argument("source", nargs="?", help="the adapter .safetensors (or --model)")
+    resize.add_argument("--model", dest="model_option", help="the adapter to resize, as sd-scripts names it")
+    resize.add_argument("--save_to", "--out", dest="save_to", required=True, help="the resized .safetensors")
+    resize.add_argument("--new_rank", type=int, help="the new rank (the most, with --dynamic_method)")
+    resize.add_argument("--new_conv_rank", type=int, help="the new rank of kxk convs (default --new_rank)")
+    resize.add_argument("--dynamic_method", choices=("sv_ratio", "sv_fro", "sv_cumulative"),
+                        help="a rank per module from its singular values")
+    resize.add_argument("--dynamic_param", type=float, help="sv_ratio: max/min ratio; sv_fro, sv_cumulative: the "
+                        "fraction kept (e.g. 0.9)")
+    resize.add_argument("--base_model", help="for LoHa/LoKr files whose layers their tensors do not tell")
+    _precision_and_device(resize)
+    merge = commands.add_parser("merge-adapters", help="several adapters (with ratios) into one adapter file "
+                                "(sd-scripts' svd_merge_lora.py; `lycolab merge` bakes adapters into a model)")
+    merge.add_argument("--models", nargs="+", required=True, help="adapter files, optionally file:ratio")
+    merge.add_argument("--ratios", nargs="+", type=float, help="one per model (default 1, or the :ratio)")
+    merge.add_argument("--save_to", "--out", dest="save_to", required=True, help="the merged .safetensors")
+    merge.add_argument("--new_rank", type=int, help="SVD to this rank (default: LoRA ranks are concatenated)")
+    merge.add_argument("--new_conv_rank", type=int, help="the rank of kxk convs (default --new_rank)")
+    merge.add_argument("--base_model", help="for LoHa/LoKr files whose layers their tensors do not tell")
+    _precision_and_device(merge)
+    extract = commands.add_parser("extract", help="the LoRA/LoCon that turns one model into another (LyCORIS' "
+                                  "extract_locon.py)")
+    extract.add_argument("base_model", help="the original model: a diffusers folder or a single file")
+    extract.add_argument("db_model", help="the fine-tuned model")
+    extract.add_argument("output_name", help="the adapter .safetensors to write")
+    extract.add_argument("--mode", default="fixed", choices=("fixed", "threshold", "ratio", "quantile"))
+    extract.add_argument("--linear_dim", type=int, default=64)
+    extract.add_argument("--conv_dim", type=int, default=32)
+    for kind in ("linear", "conv"):
+        extract.add_argument(f"--{kind}_threshold", type=float, default=0.0)
+        extract.add_argument(f"--{kind}_ratio", type=float, default=0.0)
+        extract.add_argument(f"--{kind}_quantile", type=float, default=1.0)
+    extract.add_argument("--disable_cp", action="store_true", help="kxk convs without the Tucker split")
+    extract.add_argument("--unet_only", action="store_true", help="leave the text encoders out")
+    extract.add_argument("--model_config", help="for single-file models offline: a diffusers folder of the type")
+    _precision_and_device(extract)
+    convert = commands.add_parser("convert", help="a LoRA/LoCon between kohya/LyCORIS keys and the PEFT/diffusers "
+                                  "layout (save_lora_weights')")
+    convert.add_argument("source", help="the adapter .safetensors")
+    convert.add_argument("--to", required=True, choices=("kohya", "diffusers", "peft"))
+    convert.add_argument("--save_to", "--out", dest="save_to", required=True, help="the converted .safetensors")
+    convert.add_argument("--family", choices=("sd", "sdxl"), help="to kohya: the model family (default: read off "
+                         "the names)")
+    inspect = commands.add_parser("inspect", help="what an adapter file is: algorithm, modules, ranks, alphas, "
+                                  "training settings, top tags, dataset folders, hashes")
+    inspect.add_argument("source", help="the adapter .safetensors")
+    inspect.add_argument("--top_tags", type=int, default=20, help="how many caption tags to list")
+
+
+def _precision_and_device(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--save_precision", default="fp16", choices=("fp16", "bf16", "float"))
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (SVD is much faster on a GPU)")
 
 
 def _caption_options(parser: argparse.ArgumentParser, extension: str) -> None:
@@ -330,6 +390,56 @@ def _run_caption(args) -> int:
     return 0
 
 
+def _run_resize(args) -> int:
+    from lycolab.tools.resize import resize_adapter
+
+    if bool(args.source) == bool(args.model_option):
+        raise UsageError("give the adapter once: as the first argument or as --model")
+    print(resize_adapter(args.source or args.model_option, args.save_to, args.new_rank, args.new_conv_rank,
+                         args.dynamic_method, args.dynamic_param, args.save_precision, args.device,
+                         verbose=args.verbosity > 0, base_model=args.base_model))  # -v: a line per module
+    return 0
+
+
+def _run_merge_adapters(args) -> int:
+    from lycolab.models.generate import parse_network_spec
+    from lycolab.tools.merge_adapters import merge_adapters
+
+    specs = [parse_network_spec(spec) for spec in args.models]
+    if args.ratios is not None and len(args.ratios) != len(specs):
+        raise UsageError(f"--ratios has {len(args.ratios)} value(s) for {len(specs)} model(s); give one per model")
+    sources = [(path, args.ratios[index] if args.ratios is not None else ratio)
+               for index, (path, ratio) in enumerate(specs)]
+    print(merge_adapters(sources, args.save_to, args.new_rank, args.new_conv_rank, args.save_precision, args.device,
+                         base_model=args.base_model))
+    return 0
+
+
+def _run_extract(args) -> int:
+    from lycolab.tools.extract import extract_adapter
+
+    print(extract_adapter(args.base_model, args.db_model, args.output_name, args.mode, args.linear_dim,
+                          args.conv_dim, args.linear_threshold, args.conv_threshold, args.linear_ratio,
+                          args.conv_ratio, args.linear_quantile, args.conv_quantile, not args.unet_only,
+                          args.save_precision, args.device, use_tucker=not args.disable_cp,
+                          config=args.model_config))
+    return 0
+
+
+def _run_convert(args) -> int:
+    from lycolab.tools.convert import convert_adapter
+
+    print(convert_adapter(args.source, args.save_to, args.to, family=args.family))
+    return 0
+
+
+def _run_inspect(args) -> int:
+    from lycolab.tools.inspect import inspect_adapter
+
+    print(inspect_adapter(args.source, top=args.top_tags))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; the exit status is returned (see the module docstring), never raised."""
     parser = build_parser()
@@ -376,7 +486,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace, extra: list[str]) -> int:
     commands = {"demo": _run_demo, "check-dataset": _run_check_dataset, "download": _run_download,
-                "generate": _run_generate, "merge": _run_merge, "tag": _run_tag, "caption": _run_caption}
+                "generate": _run_generate, "merge": _run_merge, "tag": _run_tag, "caption": _run_caption,
+                "resize": _run_resize, "merge-adapters": _run_merge_adapters, "extract": _run_extract,
+                "convert": _run_convert, "inspect": _run_inspect}
     if args.command == "train":
         return _run_train(args, parse_overrides(extra))
     return commands[args.command](args)

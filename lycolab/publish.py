@@ -311,11 +311,11 @@ def _usage_section(adapter: Path, metadata: dict[str, str], hub_id: str | None, 
 
 
 def _settings_section(metadata: dict[str, str]) -> str:
-    rows = [(label, key, metadata[key]) for label, key in NETWORK_SETTINGS if _shown(metadata.get(key))]
-    rows += _network_arg_rows(metadata.get("ss_network_args"))
-    rows += [(label, key, metadata[key]) for label, key in TRAINING_SETTINGS if _shown(metadata.get(key))]
-    if not _shown(metadata.get("ss_resolution")):  # a dataset_config run: sd-scripts writes it per dataset
-        rows += [("Resolution", "ss_datasets", resolution) for resolution in _dataset_resolutions(metadata)]
+    rows = [(label, key, metadata[key]) for label, key in NETWORK_SETTINGS if is_shown(metadata.get(key))]
+    rows += network_arg_rows(metadata.get("ss_network_args"))
+    rows += [(label, key, metadata[key]) for label, key in TRAINING_SETTINGS if is_shown(metadata.get(key))]
+    if not is_shown(metadata.get("ss_resolution")):  # a dataset_config run: sd-scripts writes it per dataset
+        rows += [("Resolution", "ss_datasets", resolution) for resolution in dataset_resolutions(metadata)]
     if not rows:
         return "## Training settings\n\nThe file carries no training metadata."
     lines = ["## Training settings", "", "| Setting | Value | Metadata key |", "|---|---|---|"]
@@ -323,10 +323,11 @@ def _settings_section(metadata: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
-def _dataset_resolutions(metadata: dict[str, str]) -> list[str]:
+def dataset_resolutions(metadata: dict[str, str]) -> list[str]:
+    """The resolutions of ``ss_datasets`` (a dataset_config run writes them per dataset) as ``WxH`` texts."""
     try:
         datasets = json.loads(metadata.get("ss_datasets") or "[]")
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: JSON nested deeper than Python parses
         return []
     found = [dataset.get("resolution") for dataset in datasets if isinstance(dataset, dict)] if isinstance(
         datasets, list) else []
@@ -334,12 +335,13 @@ def _dataset_resolutions(metadata: dict[str, str]) -> list[str]:
                    for value in found if value})
 
 
-def _network_arg_rows(network_args: str | None) -> list[tuple[str, str, str]]:
-    if not _shown(network_args):
+def network_arg_rows(network_args: str | None) -> list[tuple[str, str, str]]:
+    """(label, metadata key, value) per ``ss_network_args`` entry, ``algo`` first; unreadable JSON as one row."""
+    if not is_shown(network_args):
         return []
     try:
         arguments = json.loads(network_args)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: JSON nested deeper than Python parses
         arguments = None
     if arguments is None or arguments == {}:
         return []
@@ -361,7 +363,7 @@ def top_tags(metadata: dict[str, str], limit: int = TOP_TAGS) -> list[tuple[str,
     """The most frequent caption tags over all folders of ``ss_tag_frequency``; ties in name order."""
     try:
         frequency = json.loads(metadata.get("ss_tag_frequency") or "{}")
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: JSON nested deeper than Python parses
         return []
     counts: Counter[str] = Counter()
     for folder in frequency.values() if isinstance(frequency, dict) else ():
@@ -376,7 +378,7 @@ def _algorithm(metadata: dict[str, str]) -> str:
     when it trains convs too."""
     try:
         arguments = json.loads(metadata.get("ss_network_args") or "{}")
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: JSON nested deeper than Python parses
         arguments = {}
     arguments = arguments if isinstance(arguments, dict) else {}
     if arguments.get("algo"):
@@ -409,7 +411,8 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
-def _shown(value: str | None) -> bool:
+def is_shown(value: str | None) -> bool:
+    """Whether a metadata value says something (sd-scripts writes unset values as \"None\")."""
     return value is not None and value.strip() not in ("", "None")
 
 

@@ -35,6 +35,8 @@ CELL_MARKER = re.compile(r"^# %%(?: \[(markdown|parameters|setup)\])?\s*$")
 KERNEL = {"display_name": "Python 3", "language": "python", "name": "python3"}
 BOOTSTRAP = ROOT / "lycolab" / "bootstrap.py"
 GPU_NOTEBOOKS = ("06_train.ipynb", "08_compare_epochs.ipynb", ALL_IN_ONE)  # 01–05 prepare on a CPU runtime
+# Notebooks that are not steps of the training path (09: adapter tools) stay out of the all-in-one
+NOT_STEPS = ("09_tools",)
 SETUP_FORM = """#@title Install lycolab and open the project {{ display-mode: "form" }}
 #@markdown `lycolab_source`: the lycolab release to run (this notebook's own by default), a branch such as `main`,
 #@markdown or a `.whl` file or source folder on Drive. Each notebook installs it when missing, so any step can be
@@ -147,6 +149,8 @@ def build() -> dict[Path, str]:
         cells = parse_source(source.read_text(encoding="utf-8"))
         name = f"{source.stem}.ipynb"
         built[NOTEBOOKS / name] = _dump(_with_ids(notebook(expand_setup(cells), name), source.stem[:2]))
+        if source.stem in NOT_STEPS:
+            continue
         # the all-in-one asks for the project once: only the first step keeps the setup cells
         step = _with_ids(notebook(expand_setup(parse_source(source.read_text(encoding="utf-8")), keep=index == 0),
                                   name), source.stem[:2])
