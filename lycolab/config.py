@@ -1165,18 +1165,16 @@ def _validate_network_args(config: TrainConfig, source: str) -> None:
         raise ConfigError(f"{source}: {_first_line(error)[:300]}") from None
     unknown = unknown_network_args(config.network_module, network_args)
     refused = [key for key in unknown if key in REFUSED_NETWORK_ARGS]
-    _require(not refused, source, f"network_args {', '.join(refused)}: not supported by lycolab yet (block-wise "
-             "ranks and learning-rate weights, LoRA+); train with one network_dim / conv_dim and one learning rate")
+    _require(not refused, source, f"network_args {', '.join(refused)}: not supported by lycolab yet (sd-scripts "
+             "reads them only in its SD3/Lumina/Anima networks, not networks.lora); use block_dims / *_lr_weight "
+             "(networks.lora) or a preset with exclude_name (lycoris.kohya)")
     if unknown:
         logger.warning("%s: network_args not used by %s: %s", source, config.network_module,
                        ", ".join(map(plain, unknown)))
 
 
-# sd-scripts' networks.lora and LyCORIS arguments that lycolab does not implement: refused by name, not ignored
-REFUSED_NETWORK_ARGS = ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas", "down_lr_weight",
-                        "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold", "loraplus_lr_ratio",
-                        "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio", "train_block_indices",
-                        "exclude_patterns", "include_patterns")
+# sd-scripts network arguments that lycolab does not implement: refused by name, not ignored
+REFUSED_NETWORK_ARGS = ("train_block_indices", "exclude_patterns", "include_patterns")
 
 
 def _valid_caption_extension(extension: str) -> bool:

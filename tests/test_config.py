@@ -174,7 +174,13 @@ def _dataset_file(tmp_path):
          "decompose_both must be true or false"),
         ({"network_args": ["rank_dropout=1.5"]}, "rank_dropout must be in [0, 1)"),
         ({"network_module": "lycoris.kohya", "network_args": ["algo=lokr", "factor=x"]}, "factor must be a number"),
-        ({"network_module": "lycoris.kohya", "network_args": ["preset=attn-only"]}, "preset 'attn-only' is not"),
+        ({"network_module": "lycoris.kohya", "network_args": ["preset=attn-onyl"]},
+         "preset 'attn-onyl' is neither a LyCORIS preset"),
+        ({"network_args": ["block_dims=2,2,2"]}, "block_dims must have 25 (SD 1.x/2.x) or 23 (SDXL) numbers"),
+        ({"network_args": ["down_lr_weight=0.5"]}, "down_lr_weight must be comma-separated numbers"),
+        ({"network_args": ["loraplus_lr_ratio=fast"]}, "loraplus_lr_ratio must be a number"),
+        ({"network_module": "lycoris.kohya", "network_args": ["train_norm=maybe"]}, "train_norm must be true or"),
+        ({"network_args": ["train_block_indices=0-3"]}, "train_block_indices: not supported by lycolab yet"),
     ],
 )
 def test_bad_config_value_names_key_and_file(tmp_path, overrides, expected):

@@ -9,13 +9,22 @@ true because it is a non-empty string.
 
 from __future__ import annotations
 
+import logging
 import math
+from collections.abc import Mapping
 from typing import Any
 
+from lycolab.networks.block_weights import KEYS as BLOCK_WISE_ARGS
+from lycolab.networks.block_weights import BlockWiseError, check_counts, parse_block_wise
+from lycolab.networks.presets import Preset, PresetError, get_preset, with_options
 from lycolab.networks.registry import Algorithm, UnknownAlgorithm, get_algorithm, option_types
 
+logger = logging.getLogger(__name__)
+
 # Keys that shape the network rather than each module
-NETWORK_ARGS = ("algo", "conv_dim", "conv_alpha", "preset")
+NETWORK_ARGS = ("algo", "conv_dim", "conv_alpha", "preset", "train_norm")
+# LoRA+ (both network modules): the lora_up weights' lr is the group's lr times the ratio
+LORAPLUS_ARGS = ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
 # LyCORIS' deprecated spellings → the option they set (disable_conv_cp is the inverse of use_tucker)
 TUCKER_SPELLINGS = ("use_conv_cp", "use_cp", "disable_conv_cp")
 SPELLINGS = {**dict.fromkeys(TUCKER_SPELLINGS, "use_tucker"), "constrain": "constraint"}
@@ -41,10 +50,10 @@ def chosen_algorithm(network_module: str, args: dict[str, str]) -> Algorithm:
 def known_network_args(network_module: str, algorithm: Algorithm) -> set[str]:
     """Every key this network module and algorithm act on."""
     if network_module != "lycoris.kohya":
-        return {"conv_dim", "conv_alpha", *KOHYA_OPTIONS}
+        return {"conv_dim", "conv_alpha", *KOHYA_OPTIONS, *BLOCK_WISE_ARGS, *LORAPLUS_ARGS}
     options = set(option_types(algorithm.options_class))
     spellings = {old for old, new in SPELLINGS.items() if new in options}
-    return {*NETWORK_ARGS, *options, *spellings}
+    return {*NETWORK_ARGS, *options, *spellings, *LORAPLUS_ARGS}
 
 
 def unknown_network_args(network_module: str, args: dict[str, str]) -> list[str]:
@@ -75,15 +84,57 @@ def network_kwargs(network_module: str, dim: int | None, alpha: float | None, ar
             kwargs[name] = _typed(args, name, types[name])
     if is_lycoris:
         kwargs.update(_spelled_options(args, types))
-        if args.get("preset", "full") != "full":
-            raise NetworkArgsError(f"network_args preset {args['preset']!r} is not supported; only the default "
-                                   "'full' preset (every layer LyCORIS adapts) is")
+        if "preset" in args:
+            try:
+                kwargs["preset"] = checked_preset(get_preset(args["preset"]), algorithm)
+            except PresetError as error:
+                raise NetworkArgsError(str(error)) from None
+        if "train_norm" in args:
+            kwargs["train_norm"] = _boolean(args, "train_norm")
+    else:
+        try:
+            block_wise = parse_block_wise(args)
+            if block_wise is not None:
+                check_counts(block_wise)
+        except BlockWiseError as error:
+            raise NetworkArgsError(str(error)) from None
+        if block_wise is not None:
+            kwargs["block_wise"] = block_wise
+    if any(key in args for key in LORAPLUS_ARGS):
+        from lycolab.networks.network import LoraPlus
+
+        ratios = [_number(args, key, float) if key in args else None for key in LORAPLUS_ARGS]
+        kwargs["loraplus"] = LoraPlus(*ratios)
     if network_dropout is not None and "dropout" not in kwargs:
         kwargs["dropout"] = float(network_dropout)
     for key in ("dropout", "rank_dropout", "module_dropout"):
         if not 0.0 <= kwargs.get(key, 0.0) < 1.0:
             raise NetworkArgsError(f"network_args {key} must be in [0, 1) (got {kwargs[key]})")
     return kwargs
+
+
+def checked_preset(preset: Preset, algorithm: Algorithm) -> Preset:
+    """``preset`` with its overrides' options typed for the algorithm each names (the network's when none): an
+    unknown algo or a bad value is a :class:`NetworkArgsError` naming the entry; options the algorithm does not
+    take are dropped with a warning (LyCORIS' modules ignore them)."""
+    def check(where: str, algo: str | None, options: Mapping[str, Any]) -> dict[str, Any]:
+        try:
+            chosen = get_algorithm(algo) if algo else algorithm
+        except UnknownAlgorithm as error:
+            raise NetworkArgsError(f"{where}.algo: {error}") from None
+        types = option_types(chosen.options_class)
+        texts = {key: str(value) for key, value in options.items()}
+        try:
+            typed = {key: _typed(texts, key, types[key]) for key in texts if key in types}
+            typed.update(_spelled_options(texts, types))
+        except NetworkArgsError as error:
+            raise NetworkArgsError(f"{where}: {str(error).removeprefix('network_args ')}") from None
+        unknown = sorted(key for key in texts if key not in types and SPELLINGS.get(key) not in types)
+        if unknown:
+            logger.warning("%s: %s not used by %s; ignored", where, ", ".join(unknown), chosen.name)
+        return typed
+
+    return with_options(preset, check)
 
 
 def _spelled_options(args: dict[str, str], types: dict[str, type]) -> dict[str, Any]:

@@ -16,6 +16,8 @@ from lycolab.files import save_safetensors
 from lycolab.models.detect import is_sdxl_unet
 from lycolab.networks.base import AdapterModule, AdapterShapeError
 from lycolab.networks.naming import UNET_PREFIX, canonical_named_modules, lora_name, text_encoder_prefix
+from lycolab.networks.norm import MARKER as NORM_MARKER
+from lycolab.networks.norm import NormAdapter, is_trainable_norm
 from lycolab.networks.registry import algorithm_names, algorithm_of_module
 
 logger = logging.getLogger(__name__)
@@ -128,15 +130,16 @@ def unsupported_algorithm(parameters: dict[str, torch.Tensor]) -> str | None:
 
 
 def adaptable_layers(unet: nn.Module | None, text_encoders: list[nn.Module]) -> dict[str, nn.Module]:
-    """Every Linear/Conv2d under its file name: files may target layers beyond our defaults (e.g. conv_in). An SDXL
-    U-Net's layers answer to both sd-scripts' original-layout names and LyCORIS' diffusers-layout ones."""
+    """Every Linear/Conv2d (and affine LayerNorm/GroupNorm, for ``train_norm`` files) under its file name: files
+    may target layers beyond our defaults (e.g. conv_in). An SDXL U-Net's layers answer to both sd-scripts'
+    original-layout names and LyCORIS' diffusers-layout ones."""
     roots = [(UNET_PREFIX, unet)] if unet is not None else []
     roots += [(text_encoder_prefix(i, len(text_encoders)), te) for i, te in enumerate(text_encoders)]
     layers = {}
     for prefix, root in roots:
         diffusers_paths = dict(root.named_modules()) if is_sdxl_unet(root) else {}
         for path, module in [*canonical_named_modules(root), *diffusers_paths.items()]:
-            if path and isinstance(module, (nn.Linear, nn.Conv2d)):
+            if path and (isinstance(module, (nn.Linear, nn.Conv2d)) or is_trainable_norm(module)):
                 layers.setdefault(lora_name(prefix, path), module)
     return layers
 
@@ -156,6 +159,16 @@ def build_adapters(path: Path, tensors: dict[str, torch.Tensor], layers: dict[st
     for module_name, parameters in group_by_module(tensors).items():
         if module_name not in layers:
             unmatched.append(module_name)
+            continue
+        layer = layers[module_name]
+        if NORM_MARKER in parameters:
+            if not is_trainable_norm(layer):
+                raise AdapterFileError(f"{path}: {module_name} holds {_summarise(sorted(parameters))}, which do not "
+                                       f"fit its {type(layer).__name__} layer; is the adapter for another model?")
+            try:
+                adapters.append(NormAdapter.from_weights(module_name, layer, parameters, multiplier))
+            except AdapterShapeError as error:
+                raise AdapterFileError(f"{path}: {_first_line(error)}") from None
             continue
         algorithm = algorithm_of_module(parameters)
         if algorithm is None:
@@ -210,10 +223,11 @@ def load_network(
     if not adapters:
         raise AdapterFileError(f"{path}: no module of this file can be applied to this model; is it an adapter "
                                "for this model's family (SD 1.x/2.x or SDXL)?")
-    algorithms = {adapter.algo for adapter in adapters}
+    ranked = [adapter for adapter in adapters if isinstance(adapter, AdapterModule)] or [None]
+    algorithms = {adapter.algo for adapter in ranked if adapter is not None}
     algo = metadata_algorithm(metadata) or (algorithms.pop() if len(algorithms) == 1 else "lora")
-    hyperparameters = {"dim": metadata.get("ss_network_dim", adapters[0].dim),
-                       "alpha": metadata.get("ss_network_alpha", float(adapters[0].alpha))}
+    hyperparameters = {"dim": metadata.get("ss_network_dim", getattr(ranked[0], "dim", 1)),
+                       "alpha": metadata.get("ss_network_alpha", float(getattr(ranked[0], "alpha", 1.0)))}
     network_module = metadata.get("ss_network_module", default_network_module(algo))
     network = AdapterNetwork(adapters, algo, network_module, hyperparameters)
     if apply:

@@ -19,14 +19,19 @@ from lycolab.networks.network import AdapterNetwork
 @torch.no_grad()
 def merge_network(network: AdapterNetwork, ratio: float | None = None) -> int:
     """Add ``ratio · ΔW`` (each adapter's multiplier when ``ratio`` is None) to every wrapped layer's weight, then
-    detach the network so the layers run their own forward again. Returns the number of layers changed."""
+    detach the network so the layers run their own forward again; ``train_norm`` offsets are added to their norm
+    layers' weight and bias. Returns the number of layers changed."""
     network.restore()
     for adapter in network.adapters:
         weight = adapter.org_module.weight
         factor = adapter.multiplier if ratio is None else ratio
         delta = adapter.delta_weight().to(weight.device, torch.float32) * factor
         weight.copy_((weight.float() + delta.reshape(weight.shape)).to(weight.dtype))
-    return len(network.adapters)
+    for norm in network.norm_adapters:  # train_norm: the offsets join the layer's own scale and shift
+        factor = norm.multiplier if ratio is None else ratio
+        for target, offset in ((norm.org_module.weight, norm.w_norm), (norm.org_module.bias, norm.b_norm)):
+            target.copy_((target.float() + offset.to(target.device, torch.float32) * factor).to(target.dtype))
+    return len(network.modules_applied)
 
 
 def merge_files(unet: nn.Module | None, text_encoders: list[nn.Module] | None,

@@ -10,6 +10,7 @@ read both them and the diffusers-layout names LyCORIS writes for a diffusers SDX
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from torch import nn
@@ -26,6 +27,14 @@ LYCORIS_EXTRA_NAMES = ("conv_in", "conv_out", "time_embedding.linear_1", "time_e
 # SDXL's added-conditioning MLP in sd-scripts' layout (the rest of the U-Net maps as in an SD checkpoint)
 SDXL_EXTRA_PATHS = (("add_embedding.linear_1", "label_emb.0.0"), ("add_embedding.linear_2", "label_emb.0.2"))
 TEXT_ENCODER_BLOCKS = ("CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttention2", "CLIPMLP")
+# Class names of diffusers modules that sd-scripts' own U-Nets (library/original_unet.py, sdxl_original_unet.py) call
+# otherwise: LyCORIS presets and module_algo_map name classes as LyCORIS sees them under sd-scripts.
+SD_SCRIPTS_CLASS_NAMES = {"Attention": "CrossAttention"}
+# diffusers containers sd-scripts' SDXL U-Net has no module for (its blocks are plain ModuleLists / Sequentials)
+SDXL_MISSING_CLASSES = ("TimestepEmbedding", "Timesteps", "CrossAttnDownBlock2D", "DownBlock2D",
+                        "UNetMidBlock2DCrossAttn", "CrossAttnUpBlock2D", "UpBlock2D")
+# sd-scripts' SDXL U-Net paths whose GroupNorm is its GroupNorm32 subclass (ResNet norms and the output norm)
+SDXL_GROUPNORM32 = re.compile(r"(^|\.)(in_layers|out_layers)\.0$|^out\.0$")
 
 
 @dataclass(frozen=True)
@@ -59,6 +68,20 @@ def canonical_named_modules(root: nn.Module):
     renamed = sgm_paths(root) if is_sdxl_unet(root) else {}
     for path, module in root.named_modules():
         yield renamed.get(path, prefix + path if path else path), module
+
+
+def sd_scripts_class_name(module: nn.Module, file_path: str, sdxl: bool) -> str | None:
+    """The class name this module has in the model sd-scripts builds (None: no such module there), which is what
+    LyCORIS' class-name targets meet when it runs under sd-scripts. Text encoders are transformers' own classes."""
+    name = type(module).__name__
+    if sdxl:
+        if name in SDXL_MISSING_CLASSES:
+            return None
+        if name == "GroupNorm" and SDXL_GROUPNORM32.search(file_path):
+            return "GroupNorm32"
+        if name == "UNet2DConditionModel":
+            return "SdxlUNet2DConditionModel"
+    return SD_SCRIPTS_CLASS_NAMES.get(name, name)
 
 
 def sgm_paths(unet: nn.Module) -> dict[str, str]:
@@ -118,9 +141,13 @@ def unet_targets(unet: nn.Module, include_conv_blocks: bool, lycoris_preset: boo
     ``conv_dim > 0``).
     """
     if lycoris_preset:
-        # under sd-scripts, LyCORIS' names meet its SDXL U-Net's original-layout paths, where they match nothing
-        names = () if is_sdxl_unet(unet) else LYCORIS_EXTRA_NAMES
-        return find_targets(unet, UNET_PREFIX, UNET_ATTENTION_BLOCKS + UNET_CONV_BLOCKS, names)
+        # LyCORIS' "full" preset (lycolab.networks.presets); under sd-scripts its names meet an SDXL U-Net's
+        # original-layout paths, where they match nothing
+        from lycolab.networks.presets import BUILTIN_PRESETS, preset_targets
+
+        return [TargetModule(target.lora_name, target.module, target.is_conv_kxk)
+                for target in preset_targets(BUILTIN_PRESETS["full"], unet, [])
+                if isinstance(target.module, (nn.Linear, nn.Conv2d))]
     blocks = UNET_ATTENTION_BLOCKS + (UNET_CONV_BLOCKS if include_conv_blocks else ())
     return find_targets(unet, UNET_PREFIX, blocks)
 
