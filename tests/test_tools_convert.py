@@ -118,7 +118,7 @@ def test_the_peft_file_loads_in_diffusers_with_the_outputs_of_the_kohya_file_in_
     _assert_same(_outputs(ours), _outputs(parts))
 
 
-def test_a_lora_diffusers_saved_converts_to_kohya_and_loads_in_lycolab_with_the_same_outputs(tmp_path):
+def test_a_lora_diffusers_saved_converts_to_kohya_or_loads_directly_with_the_same_outputs(tmp_path):
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft import LoraConfig, inject_adapter_in_model
@@ -146,6 +146,10 @@ def test_a_lora_diffusers_saved_converts_to_kohya_and_loads_in_lycolab_with_the_
     conv = network.get_submodule("lora_unet_down_blocks_0_resnets_0_conv1")
     assert conv.dim == 2 and float(conv.alpha) == 5.0
     _assert_same(_outputs(trained), _outputs(ours))
+    # the diffusers file itself applies too, read in kohya's names in memory
+    direct = build_tiny_sd()
+    load_network(saved, direct.unet, [direct.text_encoder])
+    _assert_same(_outputs(trained), _outputs(direct))
 
 
 def test_an_sdxl_file_converts_to_diffusers_layout_loads_in_diffusers_and_comes_back_with_sgm_names(tmp_path):

@@ -24,8 +24,7 @@ logger = logging.getLogger(__name__)
 
 # Keys of adapters no registered algorithm rebuilds (lycolab.networks.registry knows the rest), with a readable name;
 # each is dropped from here when its algorithm lands.
-UNSUPPORTED_MARKERS = {"diff": "full (diff)", "weight": "ia3", "oft_blocks": "oft", "oft_diag": "diag-oft",
-                       "a1.weight": "glora", "lora_A.weight": "peft/diffusers-format lora", "b1.weight": "glora"}
+UNSUPPORTED_MARKERS = {"lora_A.weight": "peft/diffusers-format lora"}
 
 
 class AdapterFileError(ValueError):
@@ -213,6 +212,7 @@ def load_network(
 
     path = Path(path)
     tensors, metadata = read_adapter_file(path)
+    tensors, metadata = _in_kohya_layout(path, tensors, metadata, unet)
     layers = adaptable_layers(unet, text_encoders or [])
     adapters, unmatched, skipped = build_adapters(path, tensors, layers, multiplier)
     if unmatched:
@@ -233,6 +233,24 @@ def load_network(
     if apply:
         network.apply_to()
     return network
+
+
+def _in_kohya_layout(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str], unet: nn.Module | None
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A PEFT/diffusers-layout LoRA (``unet.….lora_A.weight``, what diffusers saves) in kohya's names, converted in
+    memory (ΔW unchanged) so it applies like any other file; kohya/LyCORIS files pass through."""
+    from lycolab.tools.convert import PEFT, SD, SDXL, file_layout, peft_to_kohya
+
+    if file_layout(tensors) != PEFT:
+        return tensors, metadata
+    family = SDXL if unet is not None and is_sdxl_unet(unet) else SD
+    try:
+        converted, converted_metadata, _, _ = peft_to_kohya(path, tensors, metadata, family)
+    except (ValueError, KeyError, IndexError, RuntimeError) as error:
+        raise AdapterFileError(f"{path}: a PEFT/diffusers-layout LoRA that cannot be read ({_first_line(error)}); "
+                               "re-save it, or convert it with lycolab convert --to kohya") from None
+    logger.info("%s: a PEFT/diffusers-layout LoRA, read in kohya's names", path.name)
+    return converted, converted_metadata
 
 
 def metadata_algorithm(metadata: dict[str, str]) -> str | None:

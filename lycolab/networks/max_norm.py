@@ -67,7 +67,8 @@ def apply_max_norm(network: AdapterNetwork, max_norm: float) -> MaxNormResult:
         norm_of, scale_by = _lycoris_norm, _lycoris_scale
     else:
         raise ValueError(f"max-norm regularisation is not defined for network_module {network.network_module!r}")
-    adapters = network.adapters
+    # LyCORIS' apply_max_norm does nothing for IA³, full and GLoRA: they are neither measured nor counted
+    adapters = [adapter for adapter in network.adapters if getattr(adapter, "has_max_norm_rule", True)]
     if not adapters:
         return MaxNormResult(0, 0.0, 0.0)
     norms = [norm_of(adapter) for adapter in adapters]

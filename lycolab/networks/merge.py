@@ -27,11 +27,26 @@ def merge_network(network: AdapterNetwork, ratio: float | None = None) -> int:
         factor = adapter.multiplier if ratio is None else ratio
         delta = adapter.delta_weight().to(weight.device, torch.float32) * factor
         weight.copy_((weight.float() + delta.reshape(weight.shape)).to(weight.dtype))
+        _merge_bias(adapter, factor)
     for norm in network.norm_adapters:  # train_norm: the offsets join the layer's own scale and shift
         factor = norm.multiplier if ratio is None else ratio
         for target, offset in ((norm.org_module.weight, norm.w_norm), (norm.org_module.bias, norm.b_norm)):
             target.copy_((target.float() + offset.to(target.device, torch.float32) * factor).to(target.dtype))
     return len(network.modules_applied)
+
+
+def _merge_bias(adapter, factor: float) -> None:
+    """An adapter that trains the bias too (full's ``diff_b``) adds it; a layer without a bias gets one, as in
+    LyCORIS' merge."""
+    delta = adapter.delta_bias() if hasattr(adapter, "delta_bias") else None
+    if delta is None:
+        return
+    layer = adapter.org_module
+    delta = delta.to(layer.weight.device, torch.float32).reshape(-1) * factor
+    if layer.bias is None:
+        layer.bias = nn.Parameter(delta.to(layer.weight.dtype), requires_grad=False)
+    else:
+        layer.bias.copy_((layer.bias.float() + delta).to(layer.bias.dtype))
 
 
 def merge_files(unet: nn.Module | None, text_encoders: list[nn.Module] | None,
