@@ -23,8 +23,13 @@ from safetensors.torch import save_file
 TESTS = Path(__file__).resolve().parent.parent / "tests"
 sys.path.insert(0, str(TESTS))
 
-from conftest import randomize_parameters  # noqa: E402
-from lycoris_interop import algorithm_cases, model_outputs, reference_from_file, reference_network  # noqa: E402
+from lycoris_interop import (  # noqa: E402
+    algorithm_cases,
+    model_outputs,
+    randomize_network,
+    reference_from_file,
+    reference_network,
+)
 
 from lycolab.models.tiny import build_tiny_sd  # noqa: E402
 
@@ -34,7 +39,7 @@ FIXTURES = TESTS / "data" / "lycoris_files"
 def write_fixture(case) -> Path:
     sd = build_tiny_sd()
     network = reference_network(sd, case)
-    randomize_parameters(network.parameters(), seed=11)
+    randomize_network(network, seed=11)
     path = FIXTURES / f"{case.id}.safetensors"
     network.save_weights(str(path), torch.float16, {"ss_network_module": "lycoris.kohya",
                                                     "lycolab_fixture": "written by lycoris-lora"})

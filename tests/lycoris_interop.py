@@ -50,6 +50,20 @@ class AlgorithmCase:
         return dict(self.options if self.reference_options is None else self.reference_options)
 
 
+def randomize_network(network, seed: int = 5, std: float = 0.1) -> None:
+    """Non-zero adapter weights, the same on every machine: N(0, std) draws, except DoRA's ``dora_scale``, which
+    keeps its start (the weight's norms) times 1 + N(0, std) — small magnitudes would make W' a difference of large
+    numbers and measure the reference's float32 cancellation instead of the algorithm."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in network.named_parameters():
+            noise = torch.randn(parameter.shape, generator=generator) * std
+            if name.endswith("dora_scale"):
+                parameter.mul_(1 + noise)
+            else:
+                parameter.copy_(noise)
+
+
 def algorithm_cases() -> list[AlgorithmCase]:
     """Every case of every ``algorithm_cases/*.toml``, in file order."""
     cases = []

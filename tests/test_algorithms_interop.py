@@ -7,12 +7,12 @@ import logging
 
 import pytest
 import torch
-from conftest import randomize_parameters
 from lycoris_interop import (
     algorithm_cases,
     assert_outputs_changed,
     assert_same_outputs,
     our_network,
+    randomize_network,
     reference_from_file,
     reference_network,
 )
@@ -41,7 +41,7 @@ def test_network_has_the_same_modules_and_shapes_as_lycoris(case):
 def test_file_we_save_loads_in_lycoris_with_the_same_outputs(case, tmp_path):
     ours_sd = build_tiny_sd()
     ours = our_network(ours_sd, case)
-    randomize_parameters(ours.parameters())
+    randomize_network(ours)
     path = ours.save_weights(tmp_path / f"{case.id}.safetensors", dtype=torch.float32)
     reference_sd = build_tiny_sd()
     reference, _ = reference_from_file(path, reference_sd, preset=case.preset)
@@ -55,7 +55,7 @@ def test_file_we_save_loads_in_lycoris_with_the_same_outputs(case, tmp_path):
 def test_file_saved_by_lycoris_loads_in_ours_with_the_same_outputs(case, tmp_path):
     reference_sd = build_tiny_sd()
     reference = reference_network(reference_sd, case)
-    randomize_parameters(reference.parameters())
+    randomize_network(reference)
     path = tmp_path / f"reference_{case.id}.safetensors"
     reference.save_weights(str(path), torch.float32, {"ss_network_module": "lycoris.kohya"})
     ours_sd = build_tiny_sd()

@@ -213,15 +213,18 @@ def test_modules_of_unknown_formats_are_reported_and_skipped(tmp_path, caplog):
     assert "1 module(s) hold no tensors of a known algorithm (mystery)" in caplog.text
 
 
-def test_dora_files_are_refused_until_supported(tmp_path):
+def test_dora_files_load_with_their_weight_decomposition(tmp_path):
     sd = build_tiny_sd()
     network = create_network(sd.unet, algo="lora", dim=2)
     state = {key: value.contiguous() for key, value in network.state_dict().items()}
     network.restore()
-    state["lora_unet_down_blocks_0_attentions_0_proj_in.dora_scale"] = torch.ones(32, 1, 1, 1)
+    name = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    state[f"{name}.dora_scale"] = torch.full((32, 1, 1, 1), 0.5)
     save_file(state, str(tmp_path / "dora.safetensors"))
-    with pytest.raises(AdapterFileError, match="DoRA"):
-        load_network(tmp_path / "dora.safetensors", sd.unet)
+    loaded = {adapter.lora_name: adapter for adapter in load_network(tmp_path / "dora.safetensors", sd.unet).adapters}
+    assert loaded[name].dora and loaded[name].dora_on_output
+    assert torch.equal(loaded[name].dora_scale, state[f"{name}.dora_scale"])
+    assert not any(adapter.dora for key, adapter in loaded.items() if key != name)
 
 
 def test_adapter_for_another_model_gives_a_one_line_shape_error(tmp_path):

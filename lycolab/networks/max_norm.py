@@ -68,7 +68,7 @@ def apply_max_norm(network: AdapterNetwork, max_norm: float) -> MaxNormResult:
     else:
         raise ValueError(f"max-norm regularisation is not defined for network_module {network.network_module!r}")
     # LyCORIS' apply_max_norm does nothing for IA³, full and GLoRA: they are neither measured nor counted
-    adapters = [adapter for adapter in network.adapters if getattr(adapter, "has_max_norm_rule", True)]
+    adapters = [adapter for adapter in network.adapters if adapter.has_max_norm_rule]
     if not adapters:
         return MaxNormResult(0, 0.0, 0.0)
     norms = [norm_of(adapter) for adapter in adapters]
@@ -118,8 +118,9 @@ def _sd_scripts_scale(adapter: LoRAModule, ratio: torch.Tensor) -> None:
 
 
 def _lycoris_norm(adapter: AdapterModule) -> torch.Tensor:
-    """‖ΔW‖ with the scale, which is what every LyCORIS module measures (LoCon: ‖up·down‖·scale)."""
-    return adapter.delta_weight().norm()
+    """What each LyCORIS module measures: ‖ΔW‖ with the scale (LoCon: ‖up·down‖·scale; DoRA: before the
+    decomposition), ‖oft_blocks‖ for OFT — each algorithm's ``norm_for_max_norm``."""
+    return adapter.norm_for_max_norm()
 
 
 def _lycoris_scale(adapter: AdapterModule, ratio: torch.Tensor) -> None:

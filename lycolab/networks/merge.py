@@ -25,7 +25,7 @@ def merge_network(network: AdapterNetwork, ratio: float | None = None) -> int:
     for adapter in network.adapters:
         weight = adapter.org_module.weight
         factor = adapter.multiplier if ratio is None else ratio
-        delta = adapter.delta_weight().to(weight.device, torch.float32) * factor
+        delta = adapter.weight_change(factor).to(weight.device, torch.float32)  # DoRA/OFT: not linear in factor
         weight.copy_((weight.float() + delta.reshape(weight.shape)).to(weight.dtype))
         _merge_bias(adapter, factor)
     for norm in network.norm_adapters:  # train_norm: the offsets join the layer's own scale and shift
@@ -38,7 +38,7 @@ def merge_network(network: AdapterNetwork, ratio: float | None = None) -> int:
 def _merge_bias(adapter, factor: float) -> None:
     """An adapter that trains the bias too (full's ``diff_b``) adds it; a layer without a bias gets one, as in
     LyCORIS' merge."""
-    delta = adapter.delta_bias() if hasattr(adapter, "delta_bias") else None
+    delta = adapter.delta_bias()
     if delta is None:
         return
     layer = adapter.org_module

@@ -254,6 +254,10 @@ def create_network(
     else:
         if preset not in (None, "full") or train_norm:
             raise ValueError("preset and train_norm are LyCORIS' (network_module lycoris.kohya), not networks.lora's")
+        lycoris_only = sorted(set(changed_options(options)) - set(KOHYA_OPTIONS))
+        if lycoris_only:
+            raise ValueError(f"{', '.join(lycoris_only)}: LyCORIS option(s) that sd-scripts' networks.lora does not "
+                             "have; use network_module lycoris.kohya (algo=locon for LoRA/LoCon)")
         if conv_dim is not None and conv_alpha is None:
             conv_alpha = 1.0  # sd-scripts' default, whatever network_alpha is
         adapters = _kohya_modules(algorithm, options, unet, text_encoders, dim, alpha, conv_dim, conv_alpha,

@@ -11,6 +11,13 @@
 # | LoCon_Lycoris | 8–32 / dim/2, dim or 1 | ≤ 32 / half |
 # | LoHa | ≤ 32 / dim/2 or 1 (rank is dim²) | ≤ 32 / half |
 # | LoKr | 8–32 / 1 or dim/2 | ≤ 32 / half |
+# | IA3 | ignored (learning rate about 5e-3) | ignored |
+# | Full | ignored (a fine-tuning learning rate; big files) | ignored |
+# | Diag-OFT | block size 4–32, a divisor of 320/640/1280 | the same |
+# | BOFT | largest block size 8–32 (width = even block × power of two) | the same |
+# | GLoRA | ≤ 64 / 1 to dim/2 | ≤ 32 / half |
+#
+# All of them: [docs/algorithms.md](https://github.com/lycolab/lycolab/blob/main/docs/algorithms.md).
 
 # %% [setup]
 
@@ -48,7 +55,7 @@ prior_loss_weight = 1.0  #@param {type:"number"}
 
 # %% [parameters]
 #@title 5.3 LoRA and optimizer { display-mode: "form" }
-network_category = "LoCon_Lycoris"  #@param ["LoRA", "LoCon", "LoCon_Lycoris", "LoHa", "LoKr"]
+network_category = "LoCon_Lycoris"  #@param ["LoRA", "LoCon", "LoCon_Lycoris", "LoHa", "LoKr", "IA3", "Full", "Diag-OFT", "BOFT", "GLoRA"]
 network_dim = 32  #@param {type:"integer"}
 network_alpha = 16  #@param {type:"number"}
 conv_dim = 8  #@param {type:"integer"}

@@ -16,7 +16,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from lycolab.networks.algorithms.lora import LoRAOptions
-from lycolab.networks.base import MergedWeightAdapter, file_alpha, layer_shape, load_factors, output_tokens
+from lycolab.networks.base import (
+    MergedWeightAdapter,
+    dora_options,
+    file_alpha,
+    layer_shape,
+    load_dora_scale,
+    load_factors,
+    output_tokens,
+)
 from lycolab.networks.merged_weight import WORKSPACE, WeightGradient, compute_dtype, layer_backward, layer_forward
 from lycolab.networks.registry import Algorithm
 
@@ -37,6 +45,7 @@ class LoHaOptions(LoRAOptions):
 class LoHaModule(MergedWeightAdapter):
     algo = "loha"
     options_class = LoHaOptions
+    reads_dora_scale = True
 
     def __init__(self, lora_name: str, org_module: nn.Module, dim: int, alpha: float | None, multiplier: float = 1.0,
                  options: LoHaOptions | None = None, **option_values):
@@ -61,22 +70,26 @@ class LoHaModule(MergedWeightAdapter):
         nn.init.normal_(self.hada_w1_b, std=1.0)
         nn.init.normal_(self.hada_w1_a, std=0.1)
         nn.init.normal_(self.hada_w2_b, std=1.0)
-        nn.init.zeros_(self.hada_w2_a)
+        if self.use_scalar:  # the scalar is the zero, so w2_a starts random (LyCORIS)
+            nn.init.normal_(self.hada_w2_a, std=0.1)
+        else:
+            nn.init.zeros_(self.hada_w2_a)
 
     @classmethod
     def from_weights(cls, lora_name: str, org_module: nn.Module, weights: dict[str, torch.Tensor],
                      multiplier: float = 1.0) -> LoHaModule:
         tucker = "hada_t1" in weights
         module = cls(lora_name, org_module, weights["hada_w1_b"].shape[0], file_alpha(weights), multiplier,
-                     use_tucker=tucker)
+                     use_tucker=tucker, **dora_options(weights, org_module))
         load_factors(module, weights, TUCKER_FACTORS if tucker else PLAIN_FACTORS)
+        load_dora_scale(module, weights)
         module.check_shape()
         return module
 
-    def factors(self) -> list[torch.Tensor]:
+    def own_factors(self) -> list[torch.Tensor]:
         return [getattr(self, name) for name in (TUCKER_FACTORS if self.tucker else PLAIN_FACTORS)]
 
-    def make_delta(self, *factors: torch.Tensor) -> torch.Tensor:
+    def factor_delta(self, *factors: torch.Tensor) -> torch.Tensor:
         if self.tucker:
             t1, w1a, w1b, t2, w2a, w2b = factors
             first = torch.einsum("ij...,jr,ip->pr...", t1, w1b, w1a * self.scale)
@@ -87,7 +100,8 @@ class LoHaModule(MergedWeightAdapter):
     def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The cheaper of two exact forms: the merged weight, or the rank-dim² factored form when few tokens meet a
         big layer (the deep U-Net blocks at low resolution)."""
-        if self.tucker or getattr(self.org_module, "groups", 1) != 1 or not self._factored_is_cheaper(x):
+        if (self.tucker or self.use_scalar or getattr(self.org_module, "groups", 1) != 1
+                or not self._factored_is_cheaper(x)):
             return super().adapted_forward(x)
         return self._factored_forward(x)
 
@@ -107,12 +121,18 @@ class LoHaModule(MergedWeightAdapter):
         return base + delta.to(base.dtype)
 
     def scale_delta(self, ratio: torch.Tensor) -> None:
-        self.hada_w1_a.mul_(ratio)  # LyCORIS' scalar, folded into hada_w1_a
+        if self.use_scalar:
+            self.scalar.mul_(ratio)  # LyCORIS' own rule
+        else:
+            self.hada_w1_a.mul_(ratio)  # LyCORIS' scalar, folded into hada_w1_a
+
+    def scalar_key(self) -> str:
+        return "hada_w1_a"
 
     def merged_weight(self, weight: torch.Tensor, factors: list[torch.Tensor], row_scale: torch.Tensor,
                       dtype: torch.dtype) -> torch.Tensor:
         """W + (a1 · w1b) ⊙ (w2a · w2b) with a1 = w1a · scale · row_scale, built chunk by chunk of rows."""
-        if self.tucker:
+        if self.tucker or self.use_scalar:
             return super().merged_weight(weight, factors, row_scale, dtype)
         w1a, w1b, w2a, w2b = factors
         first_a = w1a * (row_scale * self.scale).to(w1a.dtype)[:, None]
@@ -127,7 +147,7 @@ class LoHaModule(MergedWeightAdapter):
                                ) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
         """Factor gradients of ΔW = (a1 · w1b) ⊙ (w2a · w2b) from ∂L/∂W, sharing each chunk's products with the
         rebuilt merged weight."""
-        if self.tucker:
+        if self.tucker or self.use_scalar:
             return super().merged_weight_backward(weight, factors, row_scale, dtype, grad_merged, need_merged)
         w1a, w1b, w2a, w2b = factors
         row_factor = (row_scale * self.scale).to(w1a.dtype)[:, None]

@@ -18,7 +18,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from lycolab.networks.algorithms.lora import LoRAOptions
-from lycolab.networks.base import MergedWeightAdapter, file_alpha, layer_shape, load_factors
+from lycolab.networks.base import (
+    MergedWeightAdapter,
+    dora_options,
+    file_alpha,
+    layer_shape,
+    load_dora_scale,
+    load_factors,
+)
 from lycolab.networks.registry import Algorithm, make_options
 
 
@@ -54,6 +61,7 @@ class LoKrOptions(LoRAOptions):
 class LoKrModule(MergedWeightAdapter):
     algo = "lokr"
     options_class = LoKrOptions
+    reads_dora_scale = True
 
     def __init__(self, lora_name: str, org_module: nn.Module, dim: int, alpha: float | None, multiplier: float = 1.0,
                  options: LoKrOptions | None = None, **option_values):
@@ -85,8 +93,13 @@ class LoKrModule(MergedWeightAdapter):
         else:
             self.lokr_w2_a = nn.Parameter(torch.empty(out_large, rank))
             self.lokr_w2_b = nn.Parameter(torch.zeros(rank, in_large * math.prod(kernel)))
+        # with use_scalar the scalar is the zero, so w2 (or w2_b) starts random; LyCORIS' order: w2 side, then w1
+        if w2_full and self.use_scalar:
+            nn.init.kaiming_uniform_(self.lokr_w2, a=math.sqrt(5))
         if not w2_full:
             nn.init.kaiming_uniform_(self.lokr_w2_a, a=math.sqrt(5))
+            if self.use_scalar:
+                nn.init.kaiming_uniform_(self.lokr_w2_b, a=math.sqrt(5))
         for name in ("lokr_w1",) if w1_full else ("lokr_w1_a", "lokr_w1_b"):
             nn.init.kaiming_uniform_(getattr(self, name), a=math.sqrt(5))
 
@@ -105,13 +118,15 @@ class LoKrModule(MergedWeightAdapter):
         if "lokr_w1" in weights and "lokr_w2" in weights:
             alpha = rank  # both sides full: scale 1 whatever the file says, as LyCORIS
         module = cls.__new__(cls)
-        MergedWeightAdapter.__init__(module, lora_name, org_module, rank, alpha, multiplier)
+        MergedWeightAdapter.__init__(module, lora_name, org_module, rank, alpha, multiplier,
+                                     **dora_options(weights, org_module))
         module.tucker = "lokr_t2" in weights
         load_factors(module, weights, names)
+        load_dora_scale(module, weights)
         module.check_shape()
         return module
 
-    def factors(self) -> list[torch.Tensor]:
+    def own_factors(self) -> list[torch.Tensor]:
         return [getattr(self, name) for name in LOKR_KEYS if name in self._parameters]
 
     def kron_factors(self, *factors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,16 +143,23 @@ class LoKrModule(MergedWeightAdapter):
         w2 = w2.reshape(out_dim // w1.shape[0], in_dim // w1.shape[1], *self.weight_shape[2:])
         return w1 * self.scale, w2
 
-    def make_delta(self, *factors: torch.Tensor) -> torch.Tensor:
+    def factor_delta(self, *factors: torch.Tensor) -> torch.Tensor:
         w1, w2 = self.kron_factors(*factors)
         w1 = w1.reshape(*w1.shape, *([1] * (w2.dim() - 2)))
         return torch.kron(w1, w2.contiguous()).reshape(self.weight_shape)
 
     def scale_delta(self, ratio: torch.Tensor) -> None:
-        factors = self.factors()
+        factors = self.own_factors()  # with use_scalar too: LyCORIS scales LoKr's factors, never its scalar
         root = ratio ** (1 / len(factors))  # LyCORIS' "modules" count: 4 - use_w1 - use_w2 + tucker core
         for factor in factors:
             factor.mul_(root)
+
+    def max_norm_delta(self) -> torch.Tensor:
+        """LyCORIS measures LoKr's ΔW without its scalar (unlike LoCon's and LoHa's), before DoRA."""
+        return self.factor_delta(*self.own_factors())
+
+    def scalar_key(self) -> str:
+        return "lokr_w1" if "lokr_w1" in self._parameters else "lokr_w1_a"
 
     def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
         """ΔW·x without forming ΔW: the input's channels split as (b, d) go through w2 (a grouped layer on d),
@@ -145,7 +167,9 @@ class LoKrModule(MergedWeightAdapter):
         if getattr(self.org_module, "groups", 1) != 1:
             return super().adapted_forward(x)
         base = self.original_forward(x)
-        w1, w2 = self.kron_factors(*self.factors())
+        w1, w2 = self.kron_factors(*self.own_factors())
+        if self.use_scalar:
+            w1 = w1 * self.scalar
         out_small, in_small = w1.shape
         layer = self.org_module
         x = x.to(w2.dtype)

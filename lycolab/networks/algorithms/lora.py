@@ -5,7 +5,9 @@ The same module serves LoRA (Linear and 1x1 conv) and LoCon (also kxk convs: ``l
 kxk conv is split LyCORIS-style into a 1x1 ``lora_down``, a kxk ``lora_mid`` (dim → dim) and a 1x1 ``lora_up``.
 
 Dropouts follow sd-scripts' ``networks.lora``: ``dropout`` drops elements of the down projection's output,
-``rank_dropout`` drops whole ranks per sample and rescales by 1/(1-p).
+``rank_dropout`` drops whole ranks per sample and rescales by 1/(1-p). With DoRA (``dora_wd``) the layer runs with
+the decomposed weight instead (``lycolab.networks.dora``) and, as in LyCORIS, ``dropout`` is not used and
+``rank_dropout`` drops whole rows of ΔW.
 """
 
 from __future__ import annotations
@@ -17,18 +19,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lycolab.networks.base import AdapterModule, file_alpha, layer_shape, new_parameter
+from lycolab.networks.base import AdapterModule, dora_options, file_alpha, layer_shape, load_dora_scale, new_parameter
+from lycolab.networks.merged_weight import WORKSPACE, WeightGradient
 from lycolab.networks.registry import AdapterOptions, Algorithm
 
 
 @dataclass(frozen=True)
 class LoRAOptions(AdapterOptions):
+    """LyCORIS' options for LoCon, LoHa and LoKr (the latter two inherit them); see ``AdapterModule`` for
+    ``dora_wd``, ``wd_on_output``, ``use_scalar`` and ``rs_lora``."""
+
     use_tucker: bool = False  # kxk convs as 1x1 down, kxk mid, 1x1 up (LyCORIS' use_conv_cp / use_cp)
+    dora_wd: bool = False  # DoRA: a trained magnitude per row (or column) times W + ΔW's direction
+    wd_on_output: bool = True  # DoRA's norms per output row (else per input column)
+    use_scalar: bool = False  # a trained scalar on ΔW, starting at 0 (up then starts random, not zero)
+    rs_lora: bool = False  # rank-stabilised scale alpha / √dim
 
 
 class LoRAModule(AdapterModule):
     algo = "lora"
     options_class = LoRAOptions
+    reads_dora_scale = True
 
     def __init__(self, lora_name: str, org_module: nn.Module, dim: int, alpha: float | None, multiplier: float = 1.0,
                  options: LoRAOptions | None = None, **option_values):
@@ -46,11 +57,15 @@ class LoRAModule(AdapterModule):
             else:
                 self.lora_down = nn.Conv2d(in_dim, self.dim, kernel, stride, padding, dilation, bias=False)
             self.lora_up = nn.Conv2d(self.dim, out_dim, (1, 1), bias=False)
-        # As kohya and LyCORIS: down (and mid) kaiming-uniform, up zero, so training starts from the base model.
+        # As kohya and LyCORIS: down (and mid) kaiming-uniform, up zero, so training starts from the base model;
+        # with use_scalar the scalar is the zero and up starts random (LyCORIS' order: down, up, mid).
         nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
+        if self.use_scalar:
+            nn.init.kaiming_uniform_(self.lora_up.weight, a=math.sqrt(5))
+        else:
+            nn.init.zeros_(self.lora_up.weight)
         if self.tucker:
             nn.init.kaiming_uniform_(self.lora_mid.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_up.weight)
 
     @classmethod
     def from_weights(cls, lora_name: str, org_module: nn.Module, weights: dict[str, torch.Tensor],
@@ -58,24 +73,27 @@ class LoRAModule(AdapterModule):
         """Rebuild from a file's tensors; 2-D and 1x1 4-D forms are accepted for Linear and 1x1 conv alike."""
         tucker = "lora_mid.weight" in weights
         module = cls(lora_name, org_module, weights["lora_down.weight"].shape[0], file_alpha(weights), multiplier,
-                     use_tucker=tucker)
+                     use_tucker=tucker, **dora_options(weights, org_module))
         for key in ("lora_down.weight", "lora_up.weight") + (("lora_mid.weight",) if tucker else ()):
             target = module.get_parameter(key)
             tensor = weights[key]
             if tensor.numel() == target.numel() and tensor.dim() != target.dim():
                 tensor = tensor.reshape(target.shape)  # a Linear LoRA on a 1x1 conv (SD 2 vs 1) or the reverse
             target.data = new_parameter(tensor).data
+        load_dora_scale(module, weights)
         module.check_shape()
         return module
 
-    def delta_weight(self) -> torch.Tensor:
-        up = self.lora_up.weight.flatten(1)
-        if self.tucker:
+    def own_factors(self) -> list[torch.Tensor]:
+        mid = [self.lora_mid.weight] if self.tucker else []
+        return [self.lora_down.weight, self.lora_up.weight, *mid]
+
+    def factor_delta(self, down: torch.Tensor, up: torch.Tensor, mid: torch.Tensor | None = None) -> torch.Tensor:
+        up = up.flatten(1)
+        if mid is not None:
             # ΔW[o, i, k] = Σ up[o, a] · mid[a, b, k] · down[b, i]
-            delta = torch.einsum("oa,abhw,bi->oihw", up, self.lora_mid.weight, self.lora_down.weight.flatten(1))
-            return delta * self.scale
-        down = self.lora_down.weight.flatten(1)
-        return (up @ down).reshape(self.weight_shape) * self.scale
+            return torch.einsum("oa,abhw,bi->oihw", up, mid, down.flatten(1)) * self.scale
+        return (up @ down.flatten(1)).reshape(self.weight_shape) * self.scale
 
     def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.original_forward(x)
@@ -91,10 +109,56 @@ class LoRAModule(AdapterModule):
             if self.rank_dropout:
                 hidden = hidden * self._rank_mask(hidden)
                 scale /= 1.0 - self.rank_dropout
-        return base + (self.lora_up(hidden) * scale).to(base.dtype)
+        delta = self.lora_up(hidden) * scale
+        if self.use_scalar:
+            delta = delta * self.scalar
+        return base + delta.to(base.dtype)
 
     def scale_delta(self, ratio: torch.Tensor) -> None:
-        self.lora_up.weight.mul_(ratio)  # LyCORIS folds its scalar into lora_up
+        if self.use_scalar:
+            self.scalar.mul_(ratio)  # LyCORIS' own rule
+        else:
+            self.lora_up.weight.mul_(ratio)  # LyCORIS folds its scalar into lora_up
+
+    def scalar_key(self) -> str:
+        return "lora_up.weight"
+
+    def merged_weight(self, weight: torch.Tensor, factors: list[torch.Tensor], row_scale: torch.Tensor,
+                      dtype: torch.dtype) -> torch.Tensor:
+        """W + row_scale · up · down · scale in one ``addmm`` into the reused buffer (DoRA's V)."""
+        if self.tucker:
+            return super().merged_weight(weight, factors, row_scale, dtype)
+        down, up, scaled_up = self._scaled_up(factors, row_scale)
+        flat_weight = weight.reshape(weight.shape[0], -1).to(up.dtype)
+        merged = WORKSPACE.take("merged", flat_weight.shape, up.dtype, weight.device)
+        torch.addmm(flat_weight, scaled_up, down, out=merged)
+        return merged.view(weight.shape).to(dtype)
+
+    def merged_weight_backward(self, weight: torch.Tensor, factors: list[torch.Tensor], row_scale: torch.Tensor,
+                               dtype: torch.dtype, grad_merged: WeightGradient, need_merged: bool
+                               ) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        """∂L/∂down = (r·up)ᵀ·G, ∂L/∂up = r·(G·downᵀ), ∂L/∂scalar = Σ (G·downᵀ) ⊙ up ⊙ r₀ (r = r₀ · scalar)."""
+        if self.tucker:
+            return super().merged_weight_backward(weight, factors, row_scale, dtype, grad_merged, need_merged)
+        down, up, scaled_up = self._scaled_up(factors, row_scale)
+        grad = grad_merged.full().reshape(up.shape[0], -1).to(up.dtype)
+        through_down = grad @ down.t()  # (out, dim)
+        row_factor = (row_scale * self.scale).to(up.dtype)[:, None]
+        grads = [(scaled_up.t() @ grad).view(factors[0].shape),
+                 (through_down * row_factor * (factors[2] if self.use_scalar else 1)).view(factors[1].shape)]
+        if self.use_scalar:
+            grads.append((through_down * up * row_factor).sum().view(factors[2].shape))
+        merged = self.merged_weight(weight, factors, row_scale, dtype) if need_merged else None
+        return merged, grads
+
+    def _scaled_up(self, factors: list[torch.Tensor], row_scale: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(down, up as matrices, up · row_scale · scale · scalar)."""
+        down, up = factors[0].flatten(1), factors[1].flatten(1)
+        row_factor = (row_scale * self.scale).to(up.dtype)
+        if self.use_scalar:
+            row_factor = row_factor * factors[2]
+        return down, up, up * row_factor[:, None]
 
     def _rank_mask(self, hidden: torch.Tensor) -> torch.Tensor:
         """One keep/drop draw per (sample, rank), shaped to broadcast over tokens or pixels."""
