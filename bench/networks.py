@@ -2,7 +2,10 @@
 
 Workload (DESIGN.md §7): an SD1.5-architecture diffusers ``UNet2DConditionModel`` (random init, 860 M parameters;
 ``--arch sdxl``: the SDXL base 1.0 U-Net, 2.6 B parameters, with its pooled-text and size conditioning), 256 px
-(32×32 latent), batch 1, one forward + backward + AdamW step, linear dim 16 / alpha 8, conv dim 8 / alpha 4.
+(32×32 latent), batch 1, one forward + backward + AdamW step, linear dim 16 / alpha 8, conv dim 8 / alpha 4 (BOFT:
+conv dim 16 like the linear layers: it cannot split SD's 320 channels into even blocks of at most 8). A row may carry
+options (``ALGORITHMS``): ours gets them as ``create_network`` keywords, the reference module as its constructor's
+(DoRA is ``dora_wd`` in ours and ``weight_decompose`` there).
 The base row is the same forward + backward with no adapter (gradient taken for the input latent, so the whole
 backward pass runs). Ours and the reference wrap exactly the same layers (the table gives the count). Each
 configuration runs in its own process so that peak RSS is its own, round-robin for ``--rounds`` rounds, all in one
@@ -27,19 +30,42 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-# name → (network_module, include the conv blocks, use the LyCORIS "full" preset)
-ALGORITHMS = {
-    "lora": ("networks.lora", False, False),
-    "locon": ("networks.lora", True, False),
-    "loha": ("lycoris.kohya", True, True),
-    "lokr": ("lycoris.kohya", True, True),
-}
 LINEAR_RANK, LINEAR_ALPHA, CONV_RANK, CONV_ALPHA = 16, 8.0, 8, 4.0
+
+
+@dataclass(frozen=True)
+class Configuration:
+    """One row: the algorithm as ours and the reference build it, on which layers, with which options."""
+
+    algo: str  # our create_network algo, and LyCORIS' module for it (REFERENCE_MODULES)
+    network_module: str  # "networks.lora" (sd-scripts' layer set) or "lycoris.kohya" (LyCORIS' "full" preset)
+    include_conv: bool  # the ResNet / sampler kxk convs too
+    options: dict = field(default_factory=dict)  # ours: create_network(**options)
+    reference_options: dict = field(default_factory=dict)  # the reference module's constructor kwargs
+    conv_rank: int = CONV_RANK  # BOFT cannot split SD's 320 channels into even blocks of ≤ 8 (it needs ≥ 10)
+
+    @property
+    def lycoris_preset(self) -> bool:
+        return self.network_module == "lycoris.kohya"
+
+
+ALGORITHMS = {
+    "lora": Configuration("lora", "networks.lora", False),
+    "locon": Configuration("locon", "networks.lora", True),
+    "loha": Configuration("loha", "lycoris.kohya", True),
+    "lokr": Configuration("lokr", "lycoris.kohya", True),
+    "diag-oft": Configuration("diag-oft", "lycoris.kohya", True),
+    "boft": Configuration("boft", "lycoris.kohya", True, conv_rank=LINEAR_RANK),
+    # DoRA: ours takes network_args' dora_wd, LyCORIS' modules call it weight_decompose
+    "lora-dora": Configuration("locon", "lycoris.kohya", True, {"dora_wd": True}, {"weight_decompose": True}),
+    "loha-dora": Configuration("loha", "lycoris.kohya", True, {"dora_wd": True}, {"weight_decompose": True}),
+}
 # U-Net configs (diffusers), random init: SD 1.5, and SDXL base 1.0's (its config.json, minus what is default).
 UNET_CONFIGS = {
     "sd15": {
@@ -61,6 +87,12 @@ UNET_CONFIGS = {
 ARCH_NAMES = {"sd15": "SD1.5 U-Net", "sdxl": "SDXL base 1.0 U-Net"}
 # Which algorithms run unless --algos says otherwise: SDXL's issue targets are about LoRA and LoHa.
 DEFAULT_ALGOS = {"sd15": list(ALGORITHMS), "sdxl": ["lora", "loha"]}
+# LyCORIS' module class for each of our algos (module path, class name), imported when a row needs it
+REFERENCE_MODULES = {
+    "lora": ("lycoris.modules.locon", "LoConModule"), "locon": ("lycoris.modules.locon", "LoConModule"),
+    "loha": ("lycoris.modules.loha", "LohaModule"), "lokr": ("lycoris.modules.lokr", "LokrModule"),
+    "diag-oft": ("lycoris.modules.diag_oft", "DiagOFTModule"), "boft": ("lycoris.modules.boft", "ButterflyOFTModule"),
+}
 
 
 def build_unet(arch: str, device: str, dtype: torch.dtype):
@@ -90,32 +122,32 @@ def make_inputs(arch: str, args: argparse.Namespace, dtype: torch.dtype) -> tupl
     return sample, context, extra
 
 
-def attach_ours(unet, algo: str) -> tuple[list[torch.nn.Parameter], int]:
+def attach_ours(unet, name: str) -> tuple[list[torch.nn.Parameter], int]:
     """(the trainable parameters, how many layers got an adapter)."""
     from lycolab.networks import create_network
 
-    network_module = ALGORITHMS[algo][0]
-    network = create_network(unet, algo=algo, dim=LINEAR_RANK, alpha=LINEAR_ALPHA, conv_dim=CONV_RANK if algo != "lora"
-                             else 0, conv_alpha=CONV_ALPHA, network_module=network_module)
+    row = ALGORITHMS[name]
+    conv_rank = row.conv_rank if row.include_conv else 0
+    network = create_network(unet, algo=row.algo, dim=LINEAR_RANK, alpha=LINEAR_ALPHA, conv_dim=conv_rank,
+                             conv_alpha=CONV_ALPHA, network_module=row.network_module, **row.options)
     return list(network.to(next(unet.parameters()).device).parameters()), len(network.adapters)
 
 
-def attach_reference(unet, algo: str) -> tuple[list[torch.nn.Parameter], int]:
+def attach_reference(unet, name: str) -> tuple[list[torch.nn.Parameter], int]:
     """The reference modules (default forward, i.e. not bypass mode) on the very layers ours would wrap."""
-    from lycoris.modules.locon import LoConModule
-    from lycoris.modules.loha import LohaModule
-    from lycoris.modules.lokr import LokrModule
+    import importlib
 
     from lycolab.networks.naming import unet_targets
 
-    module_class = {"lora": LoConModule, "locon": LoConModule, "loha": LohaModule, "lokr": LokrModule}[algo]
-    _, include_conv, lycoris_preset = ALGORITHMS[algo]
+    row = ALGORITHMS[name]
+    module_path, class_name = REFERENCE_MODULES[row.algo]
+    module_class = getattr(importlib.import_module(module_path), class_name)
     device = next(unet.parameters()).device
     parameters = []
-    targets = unet_targets(unet, include_conv, lycoris_preset)
+    targets = unet_targets(unet, row.include_conv, row.lycoris_preset)
     for target in targets:
-        rank, alpha = (CONV_RANK, CONV_ALPHA) if target.is_conv_kxk else (LINEAR_RANK, LINEAR_ALPHA)
-        module = module_class(target.lora_name, target.module, 1.0, rank, alpha).to(device)
+        rank, alpha = (row.conv_rank, CONV_ALPHA) if target.is_conv_kxk else (LINEAR_RANK, LINEAR_ALPHA)
+        module = module_class(target.lora_name, target.module, 1.0, rank, alpha, **row.reference_options).to(device)
         module.apply_to()
         parameters += list(module.parameters())
     return parameters, len(targets)
@@ -368,7 +400,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--arch", default="sd15", choices=list(UNET_CONFIGS),
                         help="the U-Net: SD 1.5's (860 M parameters) or SDXL base 1.0's (2.6 B, ~10 GB in fp32)")
     parser.add_argument("--algos", nargs="+", choices=list(ALGORITHMS),
-                        help="default: all four for sd15, lora and loha for sdxl")
+                        help="default: all of them for sd15, lora and loha for sdxl")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per process")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first, per process")
     parser.add_argument("--rounds", type=int, default=1, help="fresh processes per configuration, round-robin")
