@@ -207,7 +207,9 @@ def _add_tool_commands(commands) -> None:
         extract.add_argument(f"--{kind}_threshold", type=float, default=0.0)
         extract.add_argument(f"--{kind}_ratio", type=float, default=0.0)
         extract.add_argument(f"--{kind}_quantile", type=float, default=1.0)
-    extract.add_argument("--disable_cp", action="store_true", help="kxk convs without the Tucker split")
+    extract.add_argument("--use_cp", action="store_true", help="kxk convs with LyCORIS' Tucker split (lora_mid); "
+                         "off by default: plain LoCon keeps far more of the difference at the same rank")
+    extract.add_argument("--disable_cp", action="store_true", help="LyCORIS' flag for the default (no Tucker split)")
     extract.add_argument("--unet_only", action="store_true", help="leave the text encoders out")
     extract.add_argument("--model_config", help="for single-file models offline: a diffusers folder of the type")
     _precision_and_device(extract)
@@ -421,7 +423,7 @@ def _run_extract(args) -> int:
     print(extract_adapter(args.base_model, args.db_model, args.output_name, args.mode, args.linear_dim,
                           args.conv_dim, args.linear_threshold, args.conv_threshold, args.linear_ratio,
                           args.conv_ratio, args.linear_quantile, args.conv_quantile, not args.unet_only,
-                          args.save_precision, args.device, use_tucker=not args.disable_cp,
+                          args.save_precision, args.device, use_tucker=args.use_cp and not args.disable_cp,
                           config=args.model_config))
     return 0
 

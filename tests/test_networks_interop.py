@@ -1,14 +1,13 @@
-"""Whole networks on the tiny SD: the same layers and keys as the LyCORIS package, files that load both ways and in
-diffusers, and merging."""
+"""Whole networks on the tiny SD beside other tools: LyCORIS' merge of our files, diffusers' loader, sd-scripts'
+file habits, merging, and files that do not fit."""
 
 import logging
 
 import pytest
 import torch
-from conftest import LibraryWarnings, assert_same_delta_weights, randomize_parameters
-from lycoris.kohya import LycorisNetworkKohya, create_network_from_weights
+from conftest import LibraryWarnings, randomize_parameters
+from lycoris_interop import model_outputs, reference_from_file
 from safetensors.torch import save_file
-from torch import nn
 
 from lycolab.models.tiny import build_tiny_sd
 from lycolab.networks import AdapterFileError, create_network, load_network
@@ -16,98 +15,13 @@ from lycolab.networks.merge import merge_files, merge_network
 
 logging.getLogger("LyCORIS").setLevel(logging.ERROR)
 
-# LyCORIS' "full" preset as it is meant for SD 1.x/2.x. 4.1.3's own list also names conv_in-style layers twice
-# (TimestepEmbedding as a block and its linears by name), which makes its constructor fail on diffusers U-Nets.
-FULL_PRESET = {
-    "enable_conv": True,
-    "unet_target_module": ["Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D", "TimestepEmbedding"],
-    "unet_target_name": ["conv_in", "conv_out"],
-    "text_encoder_target_module": ["CLIPAttention", "CLIPSdpaAttention", "CLIPMLP"],
-    "text_encoder_target_name": [],
-}
 ALGORITHMS = {"lora": {}, "loha": {}, "lokr": {"factor": 4}}
-
-
-class TextModel(nn.Module):
-    """transformers 5 dropped CLIPTextModel.text_model; the reference names modules from the attribute path."""
-
-    def __init__(self, encoder):
-        super().__init__()
-        self.text_model = encoder
-
-
-def _reference_network(sd, algo, **options):
-    LycorisNetworkKohya.apply_preset(FULL_PRESET)
-    network = LycorisNetworkKohya(TextModel(sd.text_encoder), sd.unet, multiplier=1.0, lora_dim=4, conv_lora_dim=2,
-                                  alpha=2, conv_alpha=1, network_module=algo, **options)
-    network.apply_to(sd.text_encoder, sd.unet, True, True)
-    return network
-
-
-def _reference_from_file(path, sd, multiplier=1.0):
-    LycorisNetworkKohya.apply_preset(FULL_PRESET)
-    return create_network_from_weights(multiplier, str(path), None, TextModel(sd.text_encoder), sd.unet)
-
-
-def _ours(sd, algo, **options):
-    return create_network(sd.unet, [sd.text_encoder], algo=algo, dim=4, alpha=2, conv_dim=2, conv_alpha=1,
-                          network_module="lycoris.kohya", **options)
-
-
-
-@torch.no_grad()
-def _outputs(sd):
-    generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, sd.tokenizer.vocab_size, (2, 77), generator=generator)
-    context = sd.text_encoder(ids)[0]
-    sample = torch.randn(2, 4, 16, 16, generator=generator)
-    return context, sd.unet(sample, torch.tensor([10, 700]), context).sample
+# The same modules, shapes and outputs as LyCORIS, both ways, for every algorithm: tests/test_algorithms_interop.py.
 
 
 def _assert_same_outputs(first, second):
-    for got, expected in zip(_outputs(first), _outputs(second), strict=True):
+    for got, expected in zip(model_outputs(first), model_outputs(second), strict=True):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
-
-
-@pytest.mark.parametrize("algo", ALGORITHMS)
-def test_network_wraps_the_same_layers_with_the_same_shapes_as_lycoris(algo):
-    ours = _ours(build_tiny_sd(), algo, **ALGORITHMS[algo])
-    reference = _reference_network(build_tiny_sd(), algo, **ALGORITHMS[algo])
-    our_shapes = {key: tuple(value.shape) for key, value in ours.state_dict().items()}
-    reference_shapes = {key: tuple(value.shape) for key, value in reference.state_dict().items()}
-    assert our_shapes == reference_shapes
-    assert any(key.startswith("lora_unet_conv_in.") for key in our_shapes)
-    assert any(key.startswith("lora_unet_time_embedding_linear_1.") for key in our_shapes)
-    assert any(key.startswith("lora_te_text_model_encoder_layers_0_mlp_fc2.") for key in our_shapes)
-
-
-@pytest.mark.parametrize("algo", ALGORITHMS)
-def test_file_we_save_loads_in_lycoris_with_the_same_effect(algo, tmp_path):
-    ours_sd = build_tiny_sd()
-    ours = _ours(ours_sd, algo, **ALGORITHMS[algo])
-    randomize_parameters(ours.parameters())
-    path = ours.save_weights(tmp_path / f"{algo}.safetensors", dtype=torch.float32)
-    reference_sd = build_tiny_sd()
-    reference, _ = _reference_from_file(path, reference_sd)
-    reference.apply_to(reference_sd.text_encoder, reference_sd.unet, True, True)
-    assert len(reference.loras) == len(ours.adapters)
-    _assert_same_outputs(ours_sd, reference_sd)
-    # The merged weight W + ΔW of every layer is the same (ΔW as the reference's forward applies it).
-    assert_same_delta_weights(ours.adapters, reference.loras, lora_like=algo == "lora")
-
-
-@pytest.mark.parametrize("algo", ALGORITHMS)
-def test_file_saved_by_lycoris_loads_in_ours_with_the_same_effect(algo, tmp_path):
-    reference_sd = build_tiny_sd()
-    reference = _reference_network(reference_sd, algo, **ALGORITHMS[algo])
-    randomize_parameters(reference.parameters())
-    path = tmp_path / f"reference_{algo}.safetensors"
-    reference.save_weights(str(path), torch.float32, {"ss_network_module": "lycoris.kohya"})
-    ours_sd = build_tiny_sd()
-    ours = load_network(path, ours_sd.unet, [ours_sd.text_encoder])
-    assert len(ours.adapters) == len(reference.loras)
-    assert {adapter.algo for adapter in ours.adapters} == {"lora" if algo == "lora" else algo}
-    _assert_same_outputs(ours_sd, reference_sd)
 
 
 @pytest.mark.parametrize("algo", ALGORITHMS)
@@ -122,7 +36,7 @@ def test_lycoris_merge_of_our_files_equals_our_merge(algo, tmp_path):
     path = ours.save_weights(tmp_path / f"{algo}.safetensors", dtype=torch.float32)
     merge_network(ours, 1.0)  # the reference's kohya merge_to always merges at 1
     reference_sd = build_tiny_sd()
-    reference, weights = _reference_from_file(path, reference_sd)
+    reference, weights = reference_from_file(path, reference_sd)
     reference.merge_to(reference_sd.text_encoder, reference_sd.unet, weights, torch.float32, "cpu")
     for model in ("unet", "text_encoder"):
         expected = getattr(reference_sd, model).state_dict()
@@ -186,7 +100,7 @@ def test_sd_scripts_files_with_linear_shaped_conv_loras_and_fp16_load(tmp_path):
     sd = build_tiny_sd()
     network = create_network(sd.unet, algo="lora", dim=2, alpha=1)
     randomize_parameters(network.parameters())
-    expected = _outputs(sd)[1]
+    expected = model_outputs(sd)[1]
     network.restore()
     # sd-scripts for SD 2 writes proj_in/proj_out (1x1 convs in SD 1) as 2-D Linear weights, in fp16.
     state = {key: (value.flatten(1) if value.dim() == 4 else value).half().contiguous()
@@ -194,7 +108,7 @@ def test_sd_scripts_files_with_linear_shaped_conv_loras_and_fp16_load(tmp_path):
     save_file(state, str(tmp_path / "kohya.safetensors"), {"ss_network_module": "networks.lora"})
     loaded = load_network(tmp_path / "kohya.safetensors", sd.unet)
     assert loaded.network_module == "networks.lora" and loaded.algo == "lora"
-    torch.testing.assert_close(_outputs(sd)[1], expected, rtol=1e-2, atol=1e-3)
+    torch.testing.assert_close(model_outputs(sd)[1], expected, rtol=1e-2, atol=1e-3)
 
 
 def test_modules_of_unknown_formats_are_reported_and_skipped(tmp_path, caplog):

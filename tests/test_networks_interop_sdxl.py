@@ -205,8 +205,10 @@ def _expected_text_names(prefix, encoder):
             for linear in CLIP_LAYER_LINEARS}
 
 
+# networks.lora without conv_dim leaves the ResNet blocks out; an explicit conv_dim (even 0) brings their Linear and
+# 1x1 layers in, as sd-scripts does (tests/test_block_wise.py compares with its code)
 @pytest.mark.parametrize(("network_module", "conv_dim"),
-                         [("networks.lora", 0), ("networks.lora", 2), ("lycoris.kohya", 0), ("lycoris.kohya", 2)])
+                         [("networks.lora", None), ("networks.lora", 2), ("lycoris.kohya", 0), ("lycoris.kohya", 2)])
 def test_sdxl_network_names_layers_as_sd_scripts_does(network_module, conv_dim):
     parts = build_tiny_sdxl()
     network = _ours(parts, "lora", network_module=network_module, conv_dim=conv_dim)
@@ -215,7 +217,7 @@ def test_sdxl_network_names_layers_as_sd_scripts_does(network_module, conv_dim):
     unet_names = {name for name in names if name.startswith("lora_unet_")}
     assert not [name for name in unet_names if any(part in name for part in DIFFUSERS_LAYOUT)]
     assert all(name.startswith(("lora_unet_", "lora_te1_", "lora_te2_")) for name in names)
-    assert unet_names == _expected_unet_names(parts.unet.config, conv_dim, network_module)
+    assert unet_names == _expected_unet_names(parts.unet.config, conv_dim or 0, network_module)
     assert {name for name in names if name.startswith("lora_te1_")} == _expected_text_names("lora_te1",
                                                                                             parts.text_encoder)
     assert {name for name in names if name.startswith("lora_te2_")} == _expected_text_names("lora_te2",
