@@ -21,7 +21,39 @@ class AdapterShapeError(ValueError):
     """Tensors that do not fit the layer they name (usually an adapter made for another base model)."""
 
 
-class AdapterModule(nn.Module):
+class LayerWrapper(nn.Module):
+    """What every adapter does with its frozen layer: hold it without owning its parameters, and route its calls
+    through the adapter's forward until restored (AdapterModule for Linear/Conv2d, train_norm's NormAdapter)."""
+
+    def _hold(self, org_module: nn.Module) -> None:
+        # Kept in a list so nn.Module does not register it: the network's parameters are the adapter's only.
+        self._org = [org_module]
+        self._org_forward = None
+
+    @property
+    def org_module(self) -> nn.Module:
+        return self._org[0]
+
+    def apply_to(self) -> None:
+        """Route the original layer's calls through this adapter (the layer's weights are not touched)."""
+        if self._org_forward is None:
+            self._org_forward = self.org_module.forward
+            self.org_module.forward = self.forward
+
+    def restore(self) -> None:
+        """Undo :meth:`apply_to`; the layer behaves exactly as before."""
+        if self._org_forward is not None:
+            if getattr(self._org_forward, "__func__", None) is type(self.org_module).forward:
+                del self.org_module.forward  # the class's own forward again, no instance attribute left behind
+            else:
+                self.org_module.forward = self._org_forward  # another wrapper was there first: give it back
+            self._org_forward = None
+
+    def original_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._org_forward(x) if self._org_forward is not None else self.org_module.forward(x)
+
+
+class AdapterModule(LayerWrapper):
     """A trainable ΔW beside one frozen Linear/Conv2d, called instead of the layer's own forward.
 
     ``dropout`` / ``rank_dropout`` / ``module_dropout`` act only in training mode, with the meaning sd-scripts and
@@ -73,13 +105,7 @@ class AdapterModule(nn.Module):
         self.dora_on_output = bool(getattr(self.options, "wd_on_output", True))
         if self.dora:
             self.dora_scale = nn.Parameter(initial_magnitude(org_module.weight, self.dora_on_output))
-        # Kept in a list so nn.Module does not register it: the network's parameters are the adapter's only.
-        self._org = [org_module]
-        self._org_forward = None
-
-    @property
-    def org_module(self) -> nn.Module:
-        return self._org[0]
+        self._hold(org_module)
 
     @property
     def is_conv(self) -> bool:
@@ -88,24 +114,6 @@ class AdapterModule(nn.Module):
     @property
     def weight_shape(self) -> tuple[int, ...]:
         return tuple(self.org_module.weight.shape)
-
-    def apply_to(self) -> None:
-        """Route the original layer's calls through this adapter (the layer's weights are not touched)."""
-        if self._org_forward is None:
-            self._org_forward = self.org_module.forward
-            self.org_module.forward = self.forward
-
-    def restore(self) -> None:
-        """Undo :meth:`apply_to`; the layer behaves exactly as before."""
-        if self._org_forward is not None:
-            if getattr(self._org_forward, "__func__", None) is type(self.org_module).forward:
-                del self.org_module.forward  # the class's own forward again, no instance attribute left behind
-            else:
-                self.org_module.forward = self._org_forward  # another wrapper was there first: give it back
-            self._org_forward = None
-
-    def original_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._org_forward(x) if self._org_forward is not None else self.org_module.forward(x)
 
     # ----------------------------------------------------------------------------------------------- ΔW
     def own_factors(self) -> list[torch.Tensor]:

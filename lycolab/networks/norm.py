@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lycolab.networks.base import AdapterShapeError, new_parameter
+from lycolab.networks.base import AdapterShapeError, LayerWrapper, new_parameter
 
 NORM_LAYERS = (nn.LayerNorm, nn.GroupNorm)
 MARKER = "w_norm"
@@ -30,7 +30,7 @@ def is_trainable_norm(module: nn.Module) -> bool:
     return not isinstance(module, nn.LayerNorm) or len(module.normalized_shape) == 1
 
 
-class NormAdapter(nn.Module):
+class NormAdapter(LayerWrapper):
     """``w_norm``/``b_norm`` beside one frozen LayerNorm/GroupNorm, called instead of its forward."""
 
     algo = "norm"
@@ -48,12 +48,7 @@ class NormAdapter(nn.Module):
         channels = org_module.weight.numel()
         self.w_norm = nn.Parameter(torch.zeros(channels))
         self.b_norm = nn.Parameter(torch.zeros(channels))
-        self._org = [org_module]  # a list, so the frozen layer's parameters are not the network's
-        self._org_forward = None
-
-    @property
-    def org_module(self) -> nn.Module:
-        return self._org[0]
+        self._hold(org_module)
 
     @classmethod
     def from_weights(cls, lora_name: str, org_module: nn.Module, weights: dict[str, torch.Tensor],
@@ -70,19 +65,6 @@ class NormAdapter(nn.Module):
             setattr(module, name, new_parameter(tensor))
         return module
 
-    def apply_to(self) -> None:
-        if self._org_forward is None:
-            self._org_forward = self.org_module.forward
-            self.org_module.forward = self.forward
-
-    def restore(self) -> None:
-        if self._org_forward is not None:
-            if getattr(self._org_forward, "__func__", None) is type(self.org_module).forward:
-                del self.org_module.forward
-            else:
-                self.org_module.forward = self._org_forward
-            self._org_forward = None
-
     def offsets(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(Δweight, Δbias) this step: m·w_norm, m·b_norm, with LyCORIS' rank-dropout draw while training."""
         weight, bias = self.w_norm * self.multiplier, self.b_norm * self.multiplier
@@ -94,7 +76,7 @@ class NormAdapter(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         layer = self.org_module
         if self.training and self.module_dropout and torch.rand(()) < self.module_dropout:
-            return self._org_forward(x) if self._org_forward is not None else layer.forward(x)
+            return self.original_forward(x)
         delta_weight, delta_bias = self.offsets()
         weight = layer.weight.to(delta_weight.dtype) + delta_weight
         bias = layer.bias.to(delta_bias.dtype) + delta_bias
