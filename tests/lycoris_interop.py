@@ -6,6 +6,7 @@ its options), so adding an algorithm adds its rows there and every parametrised 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,7 +15,9 @@ import torch
 from lycoris.kohya import LycorisNetworkKohya, create_network_from_weights
 from torch import nn
 
-from lycolab.networks import create_network
+from lycolab.models.tiny import build_tiny_sd
+from lycolab.networks import create_network, get_algorithm, load_network
+from lycolab.networks.args import network_kwargs
 
 CASES_DIR = Path(__file__).parent / "algorithm_cases"
 # LyCORIS' "full" preset as it is meant for SD 1.x/2.x. 4.1.3's own list also names conv_in-style layers twice
@@ -124,3 +127,53 @@ def assert_same_outputs(first, second, relative: float = RELATIVE_TOLERANCE) -> 
 def assert_outputs_changed(adapted, base) -> None:
     """The adapter does something (a test of equal outputs proves nothing if ΔW is zero)."""
     assert not torch.equal(model_outputs(adapted)[1], model_outputs(base)[1])
+
+
+# ---- the checks every case runs (tests/test_algorithms_interop.py; IA3's own file runs them with LyCORIS' loader
+# repaired)
+
+
+def state_shapes(network) -> dict[str, tuple[int, ...]]:
+    return {key: tuple(value.shape) for key, value in network.state_dict().items()}
+
+
+def check_our_file_loads_in_lycoris(case: AlgorithmCase, tmp_path) -> None:
+    """Our network, given random weights and saved, loads in LyCORIS with the same outputs."""
+    ours_sd = build_tiny_sd()
+    ours = our_network(ours_sd, case)
+    randomize_network(ours)
+    path = ours.save_weights(tmp_path / f"{case.id}.safetensors", dtype=torch.float32)
+    reference_sd = build_tiny_sd()
+    reference, _ = reference_from_file(path, reference_sd, preset=case.preset)
+    reference.apply_to(reference_sd.text_encoder, reference_sd.unet, True, True)
+    assert len(reference.loras) == len(ours.adapters)
+    assert_outputs_changed(ours_sd, build_tiny_sd())
+    assert_same_outputs(ours_sd, reference_sd)
+
+
+def check_lycoris_file_loads_in_ours(case: AlgorithmCase, tmp_path) -> None:
+    """LyCORIS' network, given random weights and saved, loads in ours as this algorithm with the same outputs."""
+    reference_sd = build_tiny_sd()
+    reference = reference_network(reference_sd, case)
+    randomize_network(reference)
+    path = tmp_path / f"reference_{case.id}.safetensors"
+    reference.save_weights(str(path), torch.float32, {"ss_network_module": "lycoris.kohya"})
+    ours_sd = build_tiny_sd()
+    ours = load_network(path, ours_sd.unet, [ours_sd.text_encoder])
+    assert len(ours.adapters) == len(reference.loras)
+    assert {adapter.algo for adapter in ours.adapters} == {get_algorithm(case.algo).name}
+    assert_outputs_changed(reference_sd, build_tiny_sd())
+    assert_same_outputs(ours_sd, reference_sd)
+
+
+def check_network_args_rebuild_the_network(case: AlgorithmCase) -> None:
+    """The ``ss_network_args`` we write rebuild a network of the same shapes and options."""
+    sd = build_tiny_sd()
+    ours = our_network(sd, case)
+    metadata = ours.network_metadata()
+    ours.restore()
+    kwargs = network_kwargs(metadata["ss_network_module"], int(metadata["ss_network_dim"]),
+                            float(metadata["ss_network_alpha"]), json.loads(metadata["ss_network_args"]))
+    rebuilt = create_network(sd.unet, [sd.text_encoder], **kwargs)
+    assert state_shapes(rebuilt) == state_shapes(ours)
+    assert rebuilt.adapters[0].options == ours.adapters[0].options

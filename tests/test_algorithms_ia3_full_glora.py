@@ -2,7 +2,6 @@
 training-mode dropouts under one seed), their gradients against the plain formula, a training step and a merge on
 the tiny SD, and IA³'s interop checks, which need LyCORIS' IA³ loader repaired (it cannot load IA³ files)."""
 
-import json
 import logging
 
 import pytest
@@ -16,20 +15,21 @@ from lycoris_interop import (
     CASES_DIR,
     RELATIVE_TOLERANCE,
     AlgorithmCase,
-    assert_outputs_changed,
-    assert_same_outputs,
+    check_lycoris_file_loads_in_ours,
+    check_network_args_rebuild_the_network,
+    check_our_file_loads_in_lycoris,
     our_network,
     reference_from_file,
     reference_network,
+    state_shapes,
 )
 from torch import nn
 
 from lycolab.models.tiny import build_tiny_sd
-from lycolab.networks import create_network, load_network
+from lycolab.networks import create_network
 from lycolab.networks.algorithms.full import FullModule, FullWeightFunction
 from lycolab.networks.algorithms.glora import GLoRAModule
 from lycolab.networks.algorithms.ia3 import IA3Module
-from lycolab.networks.args import network_kwargs
 from lycolab.networks.base import AdapterShapeError
 from lycolab.networks.merge import merge_network
 from lycolab.networks.merged_weight import layer_forward
@@ -333,52 +333,22 @@ def test_lycoris_4_1_3_cannot_load_ia3_files(tmp_path):
         reference_from_file(path, build_tiny_sd())
 
 
-def _shapes(network) -> dict[str, tuple[int, ...]]:
-    return {key: tuple(value.shape) for key, value in network.state_dict().items()}
-
-
 @pytest.mark.parametrize("case", IA3_CASES, ids=IA3_IDS)
 def test_ia3_network_has_the_same_modules_and_shapes_as_lycoris(case):
-    assert _shapes(our_network(build_tiny_sd(), case)) == _shapes(reference_network(build_tiny_sd(), case))
+    assert state_shapes(our_network(build_tiny_sd(), case)) == state_shapes(reference_network(build_tiny_sd(), case))
 
 
 @pytest.mark.parametrize("case", IA3_CASES, ids=IA3_IDS)
 def test_ia3_file_we_save_loads_in_repaired_lycoris_with_the_same_outputs(case, tmp_path,
                                                                           repaired_lycoris_ia3_loader):
-    ours_sd = build_tiny_sd()
-    ours = our_network(ours_sd, case)
-    randomize_parameters(ours.parameters())
-    path = ours.save_weights(tmp_path / f"{case.id}.safetensors", dtype=torch.float32)
-    reference_sd = build_tiny_sd()
-    reference, _ = reference_from_file(path, reference_sd, preset=case.preset)
-    reference.apply_to(reference_sd.text_encoder, reference_sd.unet, True, True)
-    assert len(reference.loras) == len(ours.adapters)
-    assert_outputs_changed(ours_sd, build_tiny_sd())
-    assert_same_outputs(ours_sd, reference_sd)
+    check_our_file_loads_in_lycoris(case, tmp_path)
 
 
 @pytest.mark.parametrize("case", IA3_CASES, ids=IA3_IDS)
 def test_ia3_file_saved_by_lycoris_loads_in_ours_with_the_same_outputs(case, tmp_path):
-    reference_sd = build_tiny_sd()
-    reference = reference_network(reference_sd, case)
-    randomize_parameters(reference.parameters())
-    path = tmp_path / f"reference_{case.id}.safetensors"
-    reference.save_weights(str(path), torch.float32, {"ss_network_module": "lycoris.kohya"})
-    ours_sd = build_tiny_sd()
-    ours = load_network(path, ours_sd.unet, [ours_sd.text_encoder])
-    assert len(ours.adapters) == len(reference.loras)
-    assert {adapter.algo for adapter in ours.adapters} == {"ia3"}
-    assert_same_outputs(ours_sd, reference_sd)
+    check_lycoris_file_loads_in_ours(case, tmp_path)
 
 
 @pytest.mark.parametrize("case", IA3_CASES, ids=IA3_IDS)
 def test_ia3_saved_network_args_rebuild_the_same_network(case):
-    sd = build_tiny_sd()
-    ours = our_network(sd, case)
-    metadata = ours.network_metadata()
-    ours.restore()
-    kwargs = network_kwargs(metadata["ss_network_module"], int(metadata["ss_network_dim"]),
-                            float(metadata["ss_network_alpha"]), json.loads(metadata["ss_network_args"]))
-    rebuilt = create_network(sd.unet, [sd.text_encoder], **kwargs)
-    assert _shapes(rebuilt) == _shapes(ours)
-    assert rebuilt.adapters[0].options == ours.adapters[0].options
+    check_network_args_rebuild_the_network(case)
