@@ -26,6 +26,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import threading
@@ -58,6 +59,7 @@ class Configuration:
 ALGORITHMS = {
     "lora": Configuration("lora", "networks.lora", False),
     "locon": Configuration("locon", "networks.lora", True),
+    "locon-lycoris": Configuration("locon", "lycoris.kohya", True),  # LyCORIS' "full" preset: every Linear and conv
     "loha": Configuration("loha", "lycoris.kohya", True),
     "lokr": Configuration("lokr", "lycoris.kohya", True),
     "diag-oft": Configuration("diag-oft", "lycoris.kohya", True),
@@ -122,15 +124,16 @@ def make_inputs(arch: str, args: argparse.Namespace, dtype: torch.dtype) -> tupl
     return sample, context, extra
 
 
-def attach_ours(unet, name: str) -> tuple[list[torch.nn.Parameter], int]:
-    """(the trainable parameters, how many layers got an adapter)."""
+def attach_ours(unet, name: str):
+    """(the network, its trainable parameters, how many layers got an adapter)."""
     from lycolab.networks import create_network
 
     row = ALGORITHMS[name]
     conv_rank = row.conv_rank if row.include_conv else 0
     network = create_network(unet, algo=row.algo, dim=LINEAR_RANK, alpha=LINEAR_ALPHA, conv_dim=conv_rank,
                              conv_alpha=CONV_ALPHA, network_module=row.network_module, **row.options)
-    return list(network.to(next(unet.parameters()).device).parameters()), len(network.adapters)
+    network = network.to(next(unet.parameters()).device)
+    return network, list(network.parameters()), len(network.adapters)
 
 
 def attach_reference(unet, name: str) -> tuple[list[torch.nn.Parameter], int]:
@@ -180,7 +183,12 @@ def _guard_rss(progress: _Progress, limit_bytes: int) -> None:
 
 
 def run_worker(config: str, args: argparse.Namespace) -> dict:
-    """Time ``args.steps`` training steps of one configuration (after warm-up) in this process."""
+    """Time ``args.steps`` training steps of one configuration (after warm-up) in this process.
+
+    With ``args.paired`` an "ours" configuration also times the frozen base in the same process, step for step
+    (the network restored for a base step, applied again for the next): the machine's slow drift then cancels in
+    each pair's ratio, which the fastest-step figures across processes cannot promise.
+    """
     import logging
 
     progress = _Progress(config)
@@ -190,26 +198,68 @@ def run_worker(config: str, args: argparse.Namespace) -> dict:
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     unet = build_unet(args.arch, args.device, dtype)
     implementation, _, algo = config.partition(":")
-    parameters, wrapped = [], 0
+    network, parameters, wrapped = None, [], 0
     if implementation == "ours":
-        parameters, wrapped = attach_ours(unet, algo)
+        network, parameters, wrapped = attach_ours(unet, algo)
     elif implementation == "reference":
         parameters, wrapped = attach_reference(unet, algo)
     progress.wrapped, progress.phase = wrapped, "setting up"
     for parameter in parameters:
         parameter.data = parameter.data.float()
-    optimizer = torch.optim.AdamW(parameters, lr=1e-4) if parameters else None
-    sample, context, extra = make_inputs(args.arch, args, dtype)
-    timesteps = torch.full((args.batch,), 500, device=args.device)
-    autocast = torch.autocast(args.device, dtype=dtype, enabled=dtype != torch.float32)
-    finite = True
+    optimizer = _optimizer(implementation, parameters)
+    step = _Step(unet, optimizer, make_inputs(args.arch, args, dtype), args, dtype)
+    paired = args.paired and network is not None
+    base_times: list[float] = []
     _reset_peak_rss()
-    for step in range(args.warmup + args.steps):
-        _synchronize(args.device)
-        progress.step, progress.phase, progress.step_start = step + 1, "forward", time.perf_counter()
-        inputs = sample.detach().requires_grad_(optimizer is None)
-        with autocast:
-            prediction = unet(inputs, timesteps, context, **extra).sample
+    for index in range(args.warmup + args.steps):
+        timed = index >= args.warmup
+        # pairs alternate which runs first, so neither always follows the other's cache state
+        order = ("base", "ours") if index % 2 else ("ours", "base")
+        for which in order if paired else ("ours",):
+            if which == "base":
+                network.restore()
+                seconds = step.run(None, progress)
+                network.apply_to()
+                if timed:
+                    base_times.append(seconds)
+            else:
+                progress.times.append(step.run(optimizer, progress))
+    peak = _peak_rss()
+    if args.device == "cuda":
+        peak = torch.cuda.max_memory_allocated()
+    return {"config": config, "times": progress.times[args.warmup:], "first_step": progress.times[0],
+            "paired_base_times": base_times, "peak_bytes": peak,
+            "trainable": sum(p.numel() for p in parameters), "wrapped": wrapped, "finite": step.finite}
+
+
+def _optimizer(implementation: str, parameters: list[torch.nn.Parameter]) -> torch.optim.Optimizer | None:
+    """Ours: AdamW as lycolab's trainer builds it (its fused kernel); the reference: as sd-scripts builds it."""
+    if not parameters:
+        return None
+    if implementation == "ours":
+        from lycolab.training.optim import build_optimizer
+
+        return build_optimizer("AdamW", [{"params": parameters}], 1e-4, []).optimizer
+    return torch.optim.AdamW(parameters, lr=1e-4)
+
+
+class _Step:
+    """One timed training step: forward, backward and (with an optimizer) the update; without one, the input
+    takes the gradient so that the whole backward pass runs."""
+
+    def __init__(self, unet, optimizer, inputs, args: argparse.Namespace, dtype: torch.dtype) -> None:
+        self.unet, self.device = unet, args.device
+        self.sample, self.context, self.extra = inputs
+        self.timesteps = torch.full((args.batch,), 500, device=args.device)
+        self.autocast = torch.autocast(args.device, dtype=dtype, enabled=dtype != torch.float32)
+        self.finite = True
+
+    def run(self, optimizer, progress: _Progress) -> float:
+        _synchronize(self.device)
+        progress.step, progress.phase, progress.step_start = progress.step + 1, "forward", time.perf_counter()
+        inputs = self.sample.detach().requires_grad_(optimizer is None)
+        with self.autocast:
+            prediction = self.unet(inputs, self.timesteps, self.context, **self.extra).sample
         loss = torch.nn.functional.mse_loss(prediction.float(), torch.zeros_like(prediction, dtype=torch.float32))
         progress.phase = "backward"
         loss.backward()
@@ -217,15 +267,9 @@ def run_worker(config: str, args: argparse.Namespace) -> dict:
             progress.phase = "optimizer step"
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        _synchronize(args.device)
-        progress.times.append(time.perf_counter() - progress.step_start)
-        finite = finite and bool(torch.isfinite(loss))
-    peak = _peak_rss()
-    if args.device == "cuda":
-        peak = torch.cuda.max_memory_allocated()
-    return {"config": config, "times": progress.times[args.warmup:], "first_step": progress.times[0],
-            "peak_bytes": peak, "trainable": sum(p.numel() for p in parameters), "wrapped": wrapped,
-            "finite": finite}
+        _synchronize(self.device)
+        self.finite = self.finite and bool(torch.isfinite(loss))
+        return time.perf_counter() - progress.step_start
 
 
 def _reset_peak_rss() -> None:
@@ -281,8 +325,10 @@ def run_all(args: argparse.Namespace) -> dict[str, dict]:
                   f"{result['first_step']:.2f} s), peak {result['peak_bytes'] / 2**30:.2f} GiB, "
                   f"{result['wrapped']} layers wrapped{'' if result['finite'] else ', NON-FINITE LOSS'}",
                   file=sys.stderr, flush=True)
-            merged = results.setdefault(config, {**result, "times": []})
+            merged = results.setdefault(config, {**result, "times": [], "paired_base_times": [], "pair_ratios": []})
             merged["times"] += result["times"]
+            merged["paired_base_times"] += result["paired_base_times"]
+            merged["pair_ratios"] += [ours / base for ours, base in zip(result["times"], result["paired_base_times"])]
             merged["peak_bytes"] = max(merged["peak_bytes"], result["peak_bytes"])
             merged["finite"] = merged["finite"] and result["finite"]
     for result in results.values():
@@ -300,7 +346,7 @@ def run_all(args: argparse.Namespace) -> dict[str, dict]:
 def _run_process(config: str, args: argparse.Namespace) -> dict:
     command = [sys.executable, __file__, "--worker", config, "--arch", args.arch, "--steps", str(args.steps),
                "--warmup", str(args.warmup), "--resolution", str(args.resolution), "--batch", str(args.batch),
-               "--device", args.device, "--dtype", args.dtype]
+               "--device", args.device, "--dtype", args.dtype, "--paired" if args.paired else "--no-paired"]
     if args.max_rss_gib:
         command += ["--max-rss-gib", str(args.max_rss_gib)]
     process = subprocess.run(command, capture_output=True, text=True)
@@ -321,8 +367,8 @@ def format_table(results: dict[str, dict], args: argparse.Namespace) -> str:
     memory = "peak GPU memory" if args.device == "cuda" else "peak RSS"
     lines = [
         f"| algo | layers wrapped (ours / reference) | ours s/step | reference s/step | base s/step | ours / base "
-        f"| ours / reference | ours {memory} (× base) | reference {memory} (× base) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| ours / base, paired | ours / reference | ours {memory} (× base) | reference {memory} (× base) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for algo in args.algos:
         ours, reference = results[f"ours:{algo}"], results.get(f"reference:{algo}", {})
@@ -330,9 +376,9 @@ def format_table(results: dict[str, dict], args: argparse.Namespace) -> str:
         ref_ratio = f"{ours['seconds'] / reference['seconds']:.2f}" if "seconds" in ours and "seconds" in reference \
             else "–"
         lines.append(f"| {algo} | {ours.get('wrapped', '–')} / {reference.get('wrapped', '–')} | {_step(ours)} | "
-                     f"{_step(reference)} | {_step(base)} | {ours_ratio} | {ref_ratio} | {_memory(ours, base)} | "
-                     f"{_memory(reference, base)} |")
-    lines.append(f"| base | – | – | – | {_step(base)} | 1.00 | – | {base['peak_bytes'] / 2**30:.2f} GiB | – |")
+                     f"{_step(reference)} | {_step(base)} | {ours_ratio} | {_paired(ours)} | {ref_ratio} | "
+                     f"{_memory(ours, base)} | {_memory(reference, base)} |")
+    lines.append(f"| base | – | – | – | {_step(base)} | 1.00 | – | – | {base['peak_bytes'] / 2**30:.2f} GiB | – |")
     return "\n".join(lines)
 
 
@@ -346,6 +392,15 @@ def _step(result: dict) -> str:
                 f"into step {result['step']} ({result['phase']})")
     text = f"{result['seconds']:.2f} (+{result['spread']:.2f})"
     return text if result["finite"] else text + " NON-FINITE LOSS"
+
+
+def _paired(result: dict) -> str:
+    """The median of the in-process (ours step / base step) ratios, the quartiles in brackets, and how many."""
+    ratios = sorted(result.get("pair_ratios", []))
+    if not ratios:
+        return "–"
+    quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+    return f"{statistics.median(ratios):.3f} [{quartiles[0]:.3f}–{quartiles[2]:.3f}] ×{len(ratios)}"
 
 
 def _memory(result: dict, base: dict) -> str:
@@ -376,7 +431,10 @@ def describe_machine(args: argparse.Namespace) -> str:
     return (f"{device}; Python {platform.python_version()}, torch {torch.__version__}, diffusers "
             f"{diffusers.__version__}; {ARCH_NAMES[args.arch]}, {args.resolution} px, batch {args.batch}, "
             f"{args.dtype}; {args.warmup} warm-up + {args.steps} timed steps per process{rounds}, each configuration "
-            f"in a fresh process; s/step is the fastest timed step, in brackets the spread (slowest − fastest)")
+            f"in a fresh process; s/step is the fastest timed step, in brackets the spread (slowest − fastest)"
+            + ("; paired: in each of ours' processes the base ran between ours' steps (alternating which went "
+               "first), and the column gives the median of those per-pair ratios with their quartiles"
+               if args.paired else ""))
 
 
 def write_section(path: Path, section: str, args: argparse.Namespace) -> None:
@@ -410,6 +468,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     parser.add_argument("--skip-reference", action="store_true", help="only ours and the base")
+    parser.add_argument("--paired", action=argparse.BooleanOptionalAction, default=True,
+                        help="ours' processes also time the base between their own steps (the paired column)")
     parser.add_argument("--write", type=Path, help="put the table into this markdown file")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -43,11 +43,18 @@ class LayerWrapper(nn.Module):
     def restore(self) -> None:
         """Undo :meth:`apply_to`; the layer behaves exactly as before."""
         if self._org_forward is not None:
-            if getattr(self._org_forward, "__func__", None) is type(self.org_module).forward:
+            if not self.wraps_another_wrapper:
                 del self.org_module.forward  # the class's own forward again, no instance attribute left behind
             else:
                 self.org_module.forward = self._org_forward  # another wrapper was there first: give it back
             self._org_forward = None
+
+    @property
+    def wraps_another_wrapper(self) -> bool:
+        """Whether the layer's forward was already replaced when this adapter was applied (two networks on one
+        layer): then its calls must go through that forward, not straight to the layer's weights."""
+        forward = self._org_forward
+        return forward is not None and getattr(forward, "__func__", None) is not type(self.org_module).forward
 
     def original_forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._org_forward(x) if self._org_forward is not None else self.org_module.forward(x)

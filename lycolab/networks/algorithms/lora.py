@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lycolab.networks.base import AdapterModule, dora_options, file_alpha, layer_shape, load_dora_scale, new_parameter
+from lycolab.networks.low_rank_function import compute_dtype, fused_forward_applies, low_rank_forward
 from lycolab.networks.merged_weight import WORKSPACE, WeightGradient
 from lycolab.networks.registry import AdapterOptions, Algorithm
 
@@ -96,6 +97,22 @@ class LoRAModule(AdapterModule):
         return (up @ down.flatten(1)).reshape(self.weight_shape) * self.scale
 
     def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._runs_fused():
+            dtype = compute_dtype(x, self.org_module, self.lora_down.weight)
+            if dtype is not None:
+                return low_rank_forward(x, self.org_module, self.lora_down.weight, self.lora_up.weight,
+                                        float(self.multiplier) * self.scale, dtype)
+        return self._modules_forward(x)
+
+    def _runs_fused(self) -> bool:
+        """The one-op path (``low_rank_function``) where it is exact: plain LoRA/LoCon on a frozen layer called
+        as a method (another wrapper in front keeps its own forward), with no dropout drawn in this call."""
+        drops = self.training and (self.dropout or self.rank_dropout)
+        return not (self.tucker or self.use_scalar or drops or self.wraps_another_wrapper) \
+            and fused_forward_applies(self.org_module)
+
+    def _modules_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The plain form: the layer, then up(down(x)) scaled, as sd-scripts and LyCORIS run it."""
         base = self.original_forward(x)
         if not torch.is_autocast_enabled(x.device.type):
             x = x.to(self.lora_down.weight.dtype)  # under autocast the layers cast, and x stays shared with the base
