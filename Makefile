@@ -70,9 +70,11 @@ $(MIN_VENV)/.installed-min: $(MIN_VENV)/constraints.txt
 fuzz: $(VENV)/.installed-test
 	HF_HUB_OFFLINE=1 HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest -m "hypothesis or fuzz" tests
 
-# Adapter speed/memory vs the lycoris-lora package on an SD1.5-size U-Net (CPU: about 15 minutes).
+# Adapter speed/memory vs the lycoris-lora package on an SD1.5-size U-Net, 3 rounds round-robin (CPU: about 40
+# minutes); the DoRA/OFT rows: bench/networks.py --algos diag-oft boft lora-dora loha-dora --max-rss-gib 16.
 bench: $(VENV)/.installed-test
-	$(BIN)/python bench/networks.py --write docs/benchmarks.md
+	$(BIN)/python bench/networks.py --algos lora locon locon-lycoris loha lokr --max-rss-gib 20 \
+		--write docs/benchmarks.md
 
 # Rebuild notebooks/*.ipynb from notebooks/src/*.py (the tests fail when they are stale).
 notebooks: $(VENV)/.installed-runtime

@@ -7,11 +7,17 @@ conv dim 16 like the linear layers: it cannot split SD's 320 channels into even 
 options (``ALGORITHMS``): ours gets them as ``create_network`` keywords, the reference module as its constructor's
 (DoRA is ``dora_wd`` in ours and ``weight_decompose`` there).
 The base row is the same forward + backward with no adapter (gradient taken for the input latent, so the whole
-backward pass runs). Ours and the reference wrap exactly the same layers (the table gives the count). Each
-configuration runs in its own process so that peak RSS is its own, round-robin for ``--rounds`` rounds, all in one
-invocation so the ratios compare like with like; the fastest timed step per configuration is reported (interference
-from other work only adds time), with the spread beside it. ``--max-rss-gib`` stops a configuration whose RSS
-passes that much (the table says so) instead of letting it push the machine into swap or the OOM killer.
+backward pass runs). Ours updates with AdamW as lycolab's trainer builds it (torch's fused kernel), the reference
+with AdamW as sd-scripts builds it (torch's default). ``lora`` wraps sd-scripts' attention blocks only (no
+``conv_dim``), ``locon`` adds its ResNet and sampler blocks (``conv_dim`` 8), ``locon-lycoris`` is LyCORIS' full set.
+With ``--paired`` (the default) each of ours' processes also times the frozen base between its own steps, by
+restoring the network for one step and applying it again for the next: the median of those per-pair ratios is the
+figure the machine's slow drift moves least. Ours and the reference wrap exactly the same layers (the table gives
+the count). Each configuration runs in its own process so that peak RSS is its own, round-robin for ``--rounds``
+rounds, all in one invocation so the ratios compare like with like; the fastest timed step per configuration is
+reported (interference from other work only adds time), with the spread beside it. ``--max-rss-gib`` stops a
+configuration whose RSS passes that much (the table says so) instead of letting it push the machine into swap or
+the OOM killer.
 
     python bench/networks.py                      # print the table
     python bench/networks.py --write docs/benchmarks.md
@@ -87,8 +93,9 @@ UNET_CONFIGS = {
     },
 }
 ARCH_NAMES = {"sd15": "SD1.5 U-Net", "sdxl": "SDXL base 1.0 U-Net"}
-# Which algorithms run unless --algos says otherwise: SDXL's issue targets are about LoRA and LoHa.
-DEFAULT_ALGOS = {"sd15": list(ALGORITHMS), "sdxl": ["lora", "loha"]}
+# Which algorithms run unless --algos says otherwise: LoRA/LoCon's three layer sets and LoHa/LoKr on SD1.5 (the
+# DoRA/OFT rows take --algos and a --max-rss-gib: LyCORIS' BOFT does not fit in 21 GiB); LoRA and LoHa on SDXL.
+DEFAULT_ALGOS = {"sd15": ["lora", "locon", "locon-lycoris", "loha", "lokr"], "sdxl": ["lora", "loha"]}
 # LyCORIS' module class for each of our algos (module path, class name), imported when a row needs it
 REFERENCE_MODULES = {
     "lora": ("lycoris.modules.locon", "LoConModule"), "locon": ("lycoris.modules.locon", "LoConModule"),
@@ -129,7 +136,8 @@ def attach_ours(unet, name: str):
     from lycolab.networks import create_network
 
     row = ALGORITHMS[name]
-    conv_rank = row.conv_rank if row.include_conv else 0
+    conv_rank = row.conv_rank if row.include_conv else None  # None: sd-scripts' attention blocks only (0 would
+    # bring in the ResNet blocks' Linear and 1x1 layers, as sd-scripts does for an explicit conv_dim)
     network = create_network(unet, algo=row.algo, dim=LINEAR_RANK, alpha=LINEAR_ALPHA, conv_dim=conv_rank,
                              conv_alpha=CONV_ALPHA, network_module=row.network_module, **row.options)
     network = network.to(next(unet.parameters()).device)
@@ -460,8 +468,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--algos", nargs="+", choices=list(ALGORITHMS),
                         help="default: all of them for sd15, lora and loha for sdxl")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per process")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first, per process")
-    parser.add_argument("--rounds", type=int, default=1, help="fresh processes per configuration, round-robin")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first, per process")
+    parser.add_argument("--rounds", type=int, default=3, help="fresh processes per configuration, round-robin")
     parser.add_argument("--max-rss-gib", type=float, help="stop a configuration whose RSS passes this (CPU only)")
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--batch", type=int, default=1)

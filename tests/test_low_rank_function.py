@@ -117,6 +117,21 @@ def test_plain_modules_run_where_the_fused_path_would_not_be_exact(case):
     assert "LowRank" not in type(layer(x).grad_fn).__name__
 
 
+@pytest.mark.parametrize("layer", [nn.Conv2d(6, 8, 3, padding="same"),
+                                   nn.Conv2d(6, 8, 3, padding=1, padding_mode="reflect")],
+                         ids=["padding-same", "reflect-padding"])
+def test_convs_the_fused_op_cannot_express_run_the_plain_modules_and_stay_equal_to_the_formula(layer):
+    layer = layer.double().requires_grad_(False)
+    module = LoRAModule("lora_test", layer, 3, 2.0).double()
+    nn.init.normal_(module.lora_up.weight)
+    module.apply_to()
+    assert not module._runs_fused()
+    x = torch.randn(2, 6, 5, 5, dtype=torch.float64)
+    with torch.no_grad():
+        want = module.original_forward(x) + module.lora_up(module.lora_down(x)) * module.scale
+        assert torch.equal(layer(x), want)
+
+
 def test_fused_path_runs_in_eval_mode_with_dropout_configured():
     module = _adapter(nn.Linear(10, 12))
     module.dropout = module.rank_dropout = 0.5

@@ -530,3 +530,23 @@ def test_scheduler_args_are_python_literals_as_sd_scripts_reads_them():
         "T_max": 100, "eta_min": 1e-6, "step_rules": "1:10,0.1", "milestones": [2, 4]}
     with pytest.raises(ConfigError, match="quote text: step_rules='...'"):
         scheduler_args_dict(["step_rules=1:10,0.1"])
+
+
+@pytest.mark.parametrize(("args", "fused"), [([], True), (["foreach=True"], None), (["fused=False"], False)])
+def test_adamw_runs_the_fused_kernel_unless_optimizer_args_choose_and_the_metadata_does_not_say_so(args, fused):
+    choice = build_optimizer("AdamW", _groups()[1], 1e-3, args)
+    assert choice.optimizer.defaults["fused"] is fused
+    assert "fused=True" not in choice.ss_optimizer
+
+
+def test_fused_adamw_takes_the_same_steps_as_torchs_default_loop_to_float32_rounding():
+    results = []
+    for args in ([], ["foreach=False"]):
+        model, groups = _groups()
+        optimizer = build_optimizer("AdamW", groups, 1e-2, args).optimizer
+        for _ in range(5):
+            _step(model, optimizer)
+        results.append(torch.cat([parameter.detach().flatten() for parameter in model.parameters()]))
+    fused, looped = results
+    # five updates of size ≤ lr each, every one rounded in float32: a few ulp of the largest weight apart
+    assert (fused - looped).abs().max() <= 16 * torch.finfo(torch.float32).eps * looped.abs().max()

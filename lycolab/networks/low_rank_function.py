@@ -2,12 +2,12 @@
 
 Run as plain modules (``org(x) + lora_up(lora_down(x)) * s``, as sd-scripts and LyCORIS do), every wrapped layer adds
 four autograd nodes, two full-size temporaries in the forward (the up projection's output and its scaled copy) and
-three in the backward (the scaled output gradient, the down path's input gradient and their sum) — on a CPU, where
-a Linear of 320 features on 1024 tokens takes about a millisecond, those element-wise passes over the layer's output
-cost as much as the rank-r matmuls themselves. Here the up projection is accumulated into the layer's own output
-(``addmm_`` / ``baddbmm_`` with ``alpha = s``, so the scale costs nothing), and the backward accumulates the rank-r
-input gradient into the layer's own input gradient the same way. Saved for backward: the input (the tensor the
-caller passed, not a cast copy, so q, k and v share one) and the rank-r hidden activations.
+three in the backward (the scaled output gradient, the down path's input gradient and their sum). Here the up
+projection is accumulated into the layer's own output (``addmm_`` / ``baddbmm_`` with ``alpha = s``, so the scale
+costs nothing), and the backward accumulates the rank-r input gradient into the layer's own input gradient the same
+way; what is left beyond the frozen layer is the rank-r arithmetic. Saved for backward: the input (the tensor the
+caller passed, not a cast copy, so q, k and v share one) and the rank-r hidden activations. On the CPU bench this
+takes a LoRA's peak RSS from 1.11× the frozen U-Net's to 1.03× (docs/benchmarks.md).
 
 Only the frozen-base case is handled (the layer's weight and bias take no gradient); :func:`fused_forward_applies`
 says when this path is exact, and the adapter runs its plain modules otherwise.
@@ -19,21 +19,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lycolab.networks.merged_weight import compute_dtype, layer_backward, layer_forward
 
-def compute_dtype(x: torch.Tensor, layer: nn.Module, factor: torch.Tensor) -> torch.dtype | None:
+
+def fused_dtype(x: torch.Tensor, layer: nn.Module, factor: torch.Tensor) -> torch.dtype | None:
     """The dtype the layer runs in: autocast's where it is on, else the one dtype input, weight and factors share;
     None where they differ (the adapter then casts as its plain modules do)."""
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    if x.dtype == layer.weight.dtype == factor.dtype:
-        return x.dtype
+    if torch.is_autocast_enabled(x.device.type) or x.dtype == layer.weight.dtype == factor.dtype:
+        return compute_dtype(x)
     return None
 
 
 def fused_forward_applies(layer: nn.Module) -> bool:
-    """Whether :func:`low_rank_forward` can run ``layer``: a frozen, ungrouped Linear or Conv2d."""
-    if isinstance(layer, nn.Conv2d) and (layer.groups != 1 or layer.padding_mode != "zeros"):
+    """Whether :func:`low_rank_forward` can run ``layer``: a frozen Linear, or a frozen ungrouped Conv2d with
+    numeric zero padding."""
+    if isinstance(layer, nn.Conv2d) and (layer.groups != 1 or layer.padding_mode != "zeros"
+                                         or isinstance(layer.padding, str)):
         return False
     return not layer.weight.requires_grad and (layer.bias is None or not layer.bias.requires_grad)
 
@@ -44,10 +45,9 @@ def low_rank_forward(x: torch.Tensor, layer: nn.Module, down: torch.Tensor, up: 
     ``up`` (out, r) or (out, r, 1, 1)."""
     if isinstance(layer, nn.Linear):
         return _LowRankLinear.apply(x, layer.weight, layer.bias, down, up, scale, dtype)
-    geometry = (layer.stride, layer.padding, layer.dilation)
     if down.shape[-2:] == (1, 1) and tuple(layer.stride) == (1, 1) and tuple(layer.padding) == (0, 0):
-        return _LowRankPointwiseConv.apply(x, layer.weight, layer.bias, down, up, scale, dtype)
-    return _LowRankConv.apply(x, layer.weight, layer.bias, down, up, scale, dtype, geometry)
+        return _LowRankPointwiseConv.apply(x, layer.weight, layer.bias, down, up, scale, dtype, layer)
+    return _LowRankConv.apply(x, layer.weight, layer.bias, down, up, scale, dtype, layer)
 
 
 def _as(tensor: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -86,70 +86,79 @@ class _LowRankLinear(torch.autograd.Function):
         return grad_x, None, None, grad_down, grad_up, None, None
 
 
-class _LowRankConv(torch.autograd.Function):
-    """A kxk conv: the down projection is a conv with the layer's kernel, stride and padding, the up one 1x1."""
+def _conv_forward(ctx, x, weight, bias, down, up, scale, dtype, layer, down_forward):
+    """The frozen conv, the down projection (``down_forward``), and up accumulated into the conv's output."""
+    x_c = _as(x, dtype)
+    out = layer_forward(layer, x_c, _as(weight, dtype), _as(bias, dtype))
+    hidden = down_forward(layer, x_c, _as(down, dtype))  # (N, r, H', W')
+    _add_pointwise(out, _as(up, dtype).flatten(1), _columns(hidden), scale)
+    ctx.save_for_backward(x, weight, down, up, hidden)
+    ctx.scale, ctx.dtype, ctx.layer = scale, dtype, layer
+    return out
 
-    @staticmethod
-    def forward(ctx, x, weight, bias, down, up, scale, dtype, geometry):
-        stride, padding, dilation = geometry
-        x_c = _as(x, dtype)
-        out = F.conv2d(x_c, _as(weight, dtype), _as(bias, dtype), stride, padding, dilation)
-        hidden = F.conv2d(x_c, _as(down, dtype), None, stride, padding, dilation)
-        _add_pointwise(out, _as(up, dtype).flatten(1), _columns(hidden), scale)
-        ctx.save_for_backward(x, weight, down, up, hidden)
-        ctx.scale, ctx.dtype, ctx.geometry = scale, dtype, geometry
-        return out
 
-    @staticmethod
+def _conv_backward(ctx, grad_output, down_backward):
+    """The gradients of :func:`_conv_forward`; ``down_backward`` adds the down projection's input gradient to the
+    frozen conv's and returns the down weight's gradient."""
+    x, weight, down, up, hidden = ctx.saved_tensors
+    scale, dtype, layer = ctx.scale, ctx.dtype, ctx.layer
+    need_x, _, _, need_down, need_up, _, _, _ = ctx.needs_input_grad
+    grad = _as(grad_output, dtype)
+    x_c = _as(x, dtype)
+    grad_hidden = torch.matmul(_as(up, dtype).flatten(1).t(), _columns(grad)).mul_(scale)  # (N, r, H'·W')
+    grad_x = layer_backward(layer, x_c, _as(weight, dtype), grad, True, False)[0] if need_x else None
+    grad_down = None
+    if need_x or need_down:
+        grad_down = down_backward(layer, x_c, _as(down, dtype), grad_hidden.view(hidden.shape), grad_x, need_down)
+    grad_up = None
+    if need_up:
+        grad_up = torch.bmm(_columns(grad), _columns(hidden).transpose(1, 2)).sum(0).mul_(scale).view(up.shape)
+    return _as(grad_x, x.dtype), None, None, _as(grad_down, down.dtype), _as(grad_up, up.dtype), None, None, None
+
+
+def _kernel_down(layer, x, down):
+    return layer_forward(layer, x, down, None)  # the layer's kernel, stride and padding, r output channels
+
+
+def _kernel_down_backward(layer, x, down, grad_hidden, grad_x, need_down):
+    lora_grad_x, grad_down = layer_backward(layer, x, down, grad_hidden, grad_x is not None, need_down)
+    if grad_x is not None:
+        grad_x.add_(lora_grad_x)
+    return grad_down
+
+
+def _pointwise_down(layer, x, down):
+    return torch.matmul(down.flatten(1), _columns(x)).view(x.shape[0], -1, *x.shape[2:])
+
+
+def _pointwise_down_backward(layer, x, down, grad_hidden, grad_x, need_down):
+    if grad_x is not None:
+        _add_pointwise(grad_x, down.flatten(1).t(), _columns(grad_hidden), 1.0)
+    if need_down:
+        return torch.bmm(_columns(grad_hidden), _columns(x).transpose(1, 2)).sum(0).view(down.shape)
+    return None
+
+
+def _conv_function(name: str, doc: str, down_forward, down_backward) -> type[torch.autograd.Function]:
+    """An autograd op for one kind of conv: :func:`_conv_forward` / :func:`_conv_backward` with its down path."""
+
+    def forward(ctx, x, weight, bias, down, up, scale, dtype, layer):
+        return _conv_forward(ctx, x, weight, bias, down, up, scale, dtype, layer, down_forward)
+
     def backward(ctx, grad_output):
-        x, weight, down, up, hidden = ctx.saved_tensors
-        scale, dtype = ctx.scale, ctx.dtype
-        need_x, _, _, need_down, need_up, _, _, _ = ctx.needs_input_grad
-        grad = _as(grad_output, dtype)
-        x_c, down_c = _as(x, dtype), _as(down, dtype)
-        grad_hidden = torch.matmul(_as(up, dtype).flatten(1).t(), _columns(grad)).mul_(scale)  # (N, r, H'·W')
-        grad_x = grad_down = None
-        if need_x:
-            grad_x = _conv_backward(grad, x_c, _as(weight, dtype), ctx.geometry, (True, False))[0]
-        if need_x or need_down:
-            lora_grad_x, grad_down = _conv_backward(grad_hidden.view(hidden.shape), x_c, down_c, ctx.geometry,
-                                                    (need_x, need_down))
-            if need_x:
-                grad_x.add_(lora_grad_x)
-        grad_up = _up_grad(grad, hidden, scale, up) if need_up else None
-        return _as(grad_x, x.dtype), None, None, _as(grad_down, down.dtype), grad_up, None, None, None
+        return _conv_backward(ctx, grad_output, down_backward)
+
+    return type(name, (torch.autograd.Function,), {"__doc__": doc, "forward": staticmethod(forward),
+                                                    "backward": staticmethod(backward)})
 
 
-class _LowRankPointwiseConv(torch.autograd.Function):
-    """A 1x1 conv (stride 1, no padding): the rank-r side is two matmuls over channels. mkldnn would run a 1x1 conv
-    with so few channels on its slow path, several times slower than the matmul."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, down, up, scale, dtype):
-        x_c = _as(x, dtype)
-        out = F.conv2d(x_c, _as(weight, dtype), _as(bias, dtype))
-        hidden = torch.matmul(_as(down, dtype).flatten(1), _columns(x_c))  # (N, r, H·W)
-        _add_pointwise(out, _as(up, dtype).flatten(1), hidden, scale)
-        ctx.save_for_backward(x, weight, down, up, hidden)
-        ctx.scale, ctx.dtype = scale, dtype
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        x, weight, down, up, hidden = ctx.saved_tensors
-        scale, dtype = ctx.scale, ctx.dtype
-        need_x, _, _, need_down, need_up, _, _ = ctx.needs_input_grad
-        grad = _as(grad_output, dtype)
-        x_c, down_c = _as(x, dtype), _as(down, dtype)
-        grad_hidden = torch.matmul(_as(up, dtype).flatten(1).t(), _columns(grad))  # (N, r, H·W), scale to apply
-        grad_x = grad_down = None
-        if need_x:
-            grad_x = _conv_backward(grad, x_c, _as(weight, dtype), ((1, 1), (0, 0), (1, 1)), (True, False))[0]
-            _add_pointwise(grad_x, down_c.flatten(1).t(), grad_hidden, scale)
-        if need_down:
-            grad_down = torch.bmm(grad_hidden, _columns(x_c).transpose(1, 2)).sum(0).mul_(scale).view(down.shape)
-        grad_up = _up_grad(grad, hidden, scale, up) if need_up else None
-        return _as(grad_x, x.dtype), None, None, _as(grad_down, down.dtype), grad_up, None, None
+_LowRankConv = _conv_function(
+    "_LowRankConv", "A kxk conv: the down projection is a conv with the layer's kernel, stride and padding.",
+    _kernel_down, _kernel_down_backward)
+_LowRankPointwiseConv = _conv_function(
+    "_LowRankPointwiseConv", "A 1x1 conv (stride 1, no padding): the rank-r side is two matmuls over channels "
+    "(mkldnn sends a 1x1 conv with so few output channels to its slow path).", _pointwise_down,
+    _pointwise_down_backward)
 
 
 def _columns(tensor: torch.Tensor) -> torch.Tensor:
@@ -164,18 +173,3 @@ def _add_pointwise(out: torch.Tensor, matrix: torch.Tensor, columns: torch.Tenso
         _columns(out).baddbmm_(matrix.expand(batch, *matrix.shape), columns, alpha=scale)
     else:
         out.add_(torch.matmul(matrix, columns).view(out.shape), alpha=scale)
-
-
-def _up_grad(grad: torch.Tensor, hidden: torch.Tensor, scale: float, up: torch.Tensor) -> torch.Tensor:
-    """∂L/∂up of a 1x1 up projection: scale · Σ over samples and pixels of grad ⊗ hidden."""
-    grad_up = torch.bmm(_columns(grad), _columns(hidden).transpose(1, 2)).sum(0).mul_(scale)
-    return _as(grad_up.view(up.shape), up.dtype)
-
-
-def _conv_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, geometry, need: tuple[bool, bool]
-                   ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(∂L/∂x, ∂L/∂weight) of a bias-free conv, each only where ``need`` asks for it."""
-    stride, padding, dilation = geometry
-    grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(grad, x, weight, None, stride, padding, dilation,
-                                                                 False, [0, 0], 1, [*need, False])
-    return grad_x, grad_weight

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lycolab.networks.base import AdapterModule, dora_options, file_alpha, layer_shape, load_dora_scale, new_parameter
-from lycolab.networks.low_rank_function import compute_dtype, fused_forward_applies, low_rank_forward
+from lycolab.networks.low_rank_function import fused_dtype, fused_forward_applies, low_rank_forward
 from lycolab.networks.merged_weight import WORKSPACE, WeightGradient
 from lycolab.networks.registry import AdapterOptions, Algorithm
 
@@ -98,7 +98,7 @@ class LoRAModule(AdapterModule):
 
     def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._runs_fused():
-            dtype = compute_dtype(x, self.org_module, self.lora_down.weight)
+            dtype = fused_dtype(x, self.org_module, self.lora_down.weight)
             if dtype is not None:
                 return low_rank_forward(x, self.org_module, self.lora_down.weight, self.lora_up.weight,
                                         float(self.multiplier) * self.scale, dtype)
