@@ -101,9 +101,10 @@ def profile_steps(algo: str, steps: int, args: argparse.Namespace) -> tuple[list
     """(the adapter steps' buckets, the base steps' total µs, layers wrapped), alternating base and adapter."""
     unet = networks.build_unet("sd15", "cpu", torch.float32)
     network, parameters, wrapped = networks.attach_ours(unet, algo)
-    optimizer = networks._optimizer("ours", parameters)
-    step = networks._Step(unet, optimizer, networks.make_inputs("sd15", args, torch.float32), args, torch.float32)
-    progress = networks._Progress(algo)
+    optimizer = networks.make_optimizer("ours", parameters)
+    inputs = networks.make_inputs("sd15", args, torch.float32)
+    step = networks.TrainingStep(unet, optimizer, inputs, args, torch.float32)
+    progress = networks.Progress(algo)
     adapted, base = [], []
     for index in range(steps + 1):
         for which in ("base", "ours") if index % 2 else ("ours", "base"):

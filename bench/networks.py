@@ -164,7 +164,7 @@ def attach_reference(unet, name: str) -> tuple[list[torch.nn.Parameter], int]:
     return parameters, len(targets)
 
 
-class _Progress:
+class Progress:
     """Where the worker is, for the RSS guard's report: step number, phase, and when the step began."""
 
     def __init__(self, config: str) -> None:
@@ -173,7 +173,7 @@ class _Progress:
         self.wrapped = 0
 
 
-def _guard_rss(progress: _Progress, limit_bytes: int) -> None:
+def _guard_rss(progress: Progress, limit_bytes: int) -> None:
     """Stop this process (exit status 3, a JSON line saying why) as soon as its RSS passes ``limit_bytes``.
 
     Polled every 50 ms: the largest single allocation here is one layer's weight (≤ 60 MB), so the overshoot is
@@ -199,7 +199,7 @@ def run_worker(config: str, args: argparse.Namespace) -> dict:
     """
     import logging
 
-    progress = _Progress(config)
+    progress = Progress(config)
     if args.max_rss_gib:
         threading.Thread(target=_guard_rss, args=(progress, int(args.max_rss_gib * 2**30)), daemon=True).start()
     logging.getLogger("LyCORIS").setLevel(logging.ERROR)
@@ -214,8 +214,8 @@ def run_worker(config: str, args: argparse.Namespace) -> dict:
     progress.wrapped, progress.phase = wrapped, "setting up"
     for parameter in parameters:
         parameter.data = parameter.data.float()
-    optimizer = _optimizer(implementation, parameters)
-    step = _Step(unet, optimizer, make_inputs(args.arch, args, dtype), args, dtype)
+    optimizer = make_optimizer(implementation, parameters)
+    step = TrainingStep(unet, optimizer, make_inputs(args.arch, args, dtype), args, dtype)
     paired = args.paired and network is not None
     base_times: list[float] = []
     _reset_peak_rss()
@@ -240,7 +240,7 @@ def run_worker(config: str, args: argparse.Namespace) -> dict:
             "trainable": sum(p.numel() for p in parameters), "wrapped": wrapped, "finite": step.finite}
 
 
-def _optimizer(implementation: str, parameters: list[torch.nn.Parameter]) -> torch.optim.Optimizer | None:
+def make_optimizer(implementation: str, parameters: list[torch.nn.Parameter]) -> torch.optim.Optimizer | None:
     """Ours: AdamW as lycolab's trainer builds it (its fused kernel); the reference: as sd-scripts builds it."""
     if not parameters:
         return None
@@ -251,7 +251,7 @@ def _optimizer(implementation: str, parameters: list[torch.nn.Parameter]) -> tor
     return torch.optim.AdamW(parameters, lr=1e-4)
 
 
-class _Step:
+class TrainingStep:
     """One timed training step: forward, backward and (with an optimizer) the update; without one, the input
     takes the gradient so that the whole backward pass runs."""
 
@@ -262,7 +262,7 @@ class _Step:
         self.autocast = torch.autocast(args.device, dtype=dtype, enabled=dtype != torch.float32)
         self.finite = True
 
-    def run(self, optimizer, progress: _Progress) -> float:
+    def run(self, optimizer, progress: Progress) -> float:
         _synchronize(self.device)
         progress.step, progress.phase, progress.step_start = progress.step + 1, "forward", time.perf_counter()
         inputs = self.sample.detach().requires_grad_(optimizer is None)
