@@ -101,8 +101,8 @@ def _bitsandbytes(name: str, fallback: str):
 # metadata then records as sd-scripts does (SGDNesterov's momentum=0.9).
 def _adamw(groups, lr, kwargs, name):
     """torch's AdamW; its fused kernel unless ``optimizer_args`` choose an implementation: one pass over all
-    parameters instead of a dozen ops per tensor (sd-scripts' default loop costs ~25 ms a step for a LoRA's 450
-    tensors on a CPU). Not in ``kwargs``, so ``ss_optimizer`` stays what sd-scripts writes."""
+    parameters instead of a dozen ops per tensor (for a LoRA's ~450 tensors on a 2-core CPU: 11 ms a step against
+    35 ms for sd-scripts' default loop). Not in ``kwargs``, so ``ss_optimizer`` stays what sd-scripts writes."""
     if not {"fused", "foreach", "differentiable", "capturable"} & set(kwargs):
         try:
             return torch.optim.AdamW(groups, lr=lr, fused=True, **kwargs)
